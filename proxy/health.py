@@ -1,0 +1,107 @@
+"""Is each deployment reachable? Cheap probes in the background, never an inference call.
+
+On a CPU one inference call can take a minute, so health is judged by the endpoints each server
+offers for it: the tinygrad backend's /health (which also says `loading`), Ollama's /api/version, an
+OpenAI-compatible server's /v1/models. Cloud deployments are not probed: they are assumed reachable
+and the Router's cooldowns speak for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from proxy.router import Deployment
+
+PROBE_INTERVAL_S = 10.0
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Probe:
+    reachable: bool | None  # None: not probed (cloud)
+    status: str  # ready | loading | unreachable | error | not_probed
+    detail: str | None = None
+    checked_at: float | None = None
+
+
+def _probe_url(d: Deployment) -> str | None:
+    if d.api_base is None:
+        return None
+    base = d.api_base.rstrip("/")
+    if d.provider == "tinygrad":
+        return base.removesuffix("/v1") + "/health"
+    if d.provider in ("ollama", "ollama_chat"):
+        return base + "/api/version"
+    if d.is_local:
+        return base + ("/models" if base.endswith("/v1") else "/v1/models")
+    return None
+
+
+class HealthMonitor:
+    def __init__(self, deployments: dict[str, Deployment]) -> None:
+        self.deployments = deployments
+        self.probes: dict[str, Probe] = {i: Probe(None, "not_probed") for i in deployments}
+        self._task: asyncio.Task[None] | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=PROBE_TIMEOUT_S)
+        await self.check_all()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        if self._client:
+            await self._client.aclose()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        # one probe per distinct URL: many deployments share one Ollama or one backend
+        by_url: dict[str, list[str]] = {}
+        for dep_id, d in self.deployments.items():
+            url = _probe_url(d)
+            if url is None:
+                self.probes[dep_id] = Probe(None, "not_probed")
+            else:
+                by_url.setdefault(url, []).append(dep_id)
+        results = await asyncio.gather(*(self._probe(url) for url in by_url))
+        for ids, probe in zip(by_url.values(), results, strict=True):
+            for dep_id in ids:
+                self.probes[dep_id] = probe
+
+    async def _probe(self, url: str) -> Probe:
+        assert self._client is not None
+        now = time.time()
+        try:
+            r = await self._client.get(url)
+        except httpx.HTTPError as e:
+            return Probe(False, "unreachable", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, now)
+        if r.status_code == 503 and url.endswith("/health"):
+            return Probe(True, "loading", "the backend is loading its model", now)
+        if r.status_code >= 400:
+            return Probe(True, "error", f"HTTP {r.status_code}", now)
+        return Probe(True, "ready", None, now)
+
+    def any_ready(self) -> bool:
+        return any(p.status in ("ready", "not_probed") for p in self.probes.values())
+
+    def report(self, cooldowns: dict[str, float]) -> list[dict[str, Any]]:
+        out = []
+        for dep_id, d in self.deployments.items():
+            p = self.probes[dep_id]
+            out.append({
+                "id": dep_id, "model_name": d.group, "model": d.model, "api_base": d.api_base,
+                "status": p.status, "reachable": p.reachable, "detail": p.detail, "checked_at": p.checked_at,
+                "cooldown_remaining_s": round(cooldowns[dep_id], 1) if dep_id in cooldowns else None,
+            })
+        return out

@@ -1,0 +1,100 @@
+"""The one place a `litellm.Router` is built from config.yaml, and what we ask of it afterwards.
+
+Scaling out (Redis-shared cooldowns, several deployments per alias) is a matter of router_settings:
+nothing here changes. Every deployment gets a stable id from its position in model_list, so replicas
+reading the same file agree on ids (cooldowns shared through Redis are keyed by them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.settings import ConfigError, Settings, check_against_litellm, import_object
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price table at import
+
+import litellm
+
+log = logging.getLogger("delegate")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: str
+    group: str
+    model: str  # provider/model, as in litellm_params.model
+    api_base: str | None
+    power_watts: float | None
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0]
+
+    @property
+    def is_local(self) -> bool:
+        return self.provider in ("tinygrad", "ollama", "ollama_chat") or (
+            self.api_base is not None and any(h in self.api_base for h in ("127.0.0.1", "localhost", "[::1]")))
+
+
+def deployment_id(index: int, group: str) -> str:
+    return f"{group}#{index}"
+
+
+def configure_litellm(settings: Settings) -> None:
+    """litellm_settings from config.yaml, with the dotted names of callbacks and handlers imported."""
+    check_against_litellm(settings)
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    logging.getLogger("LiteLLM").setLevel(logging.CRITICAL)  # its errors repeat what we report, keys included
+    logging.getLogger("LiteLLM Router").setLevel(logging.CRITICAL)
+    for key, value in settings.litellm_settings.items():
+        if key == "callbacks":
+            value = [import_object(v, f"litellm_settings.callbacks[{i}]") if isinstance(v, str) else v
+                     for i, v in enumerate(value)]
+        elif key == "custom_provider_map":
+            value = [{**item, "custom_handler": import_object(item["custom_handler"],
+                                                              f"litellm_settings.custom_provider_map[{i}]")}
+                     if isinstance(item.get("custom_handler"), str) else item for i, item in enumerate(value)]
+        setattr(litellm, key, value)
+    if settings.litellm_settings.get("custom_provider_map"):
+        from litellm.utils import custom_llm_setup
+
+        custom_llm_setup()
+
+
+def build_router(settings: Settings) -> tuple[litellm.Router, dict[str, Deployment]]:
+    configure_litellm(settings)
+    model_list = []
+    deployments: dict[str, Deployment] = {}
+    for i, d in enumerate(settings.model_list):
+        info = dict(d.get("model_info") or {})
+        info.setdefault("id", deployment_id(i, d["model_name"]))
+        model_list.append({**d, "model_info": info})
+        params = d["litellm_params"]
+        deployments[info["id"]] = Deployment(info["id"], d["model_name"], params["model"], params.get("api_base"),
+                                             info.get("power_watts"))
+    try:
+        router = litellm.Router(model_list=model_list, **settings.router_settings)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"router_settings: LiteLLM refused them: {e}") from e
+    return router, deployments
+
+
+def active_cooldowns(router: litellm.Router, ids: list[str]) -> dict[str, float]:
+    """Seconds of cooldown left for each id in `ids` that is cooling down."""
+    import time
+
+    now = time.time()
+    left = {}
+    for model_id, value in router.health().cooldowns.get_active_cooldowns(ids, None):
+        remaining = float(value.get("timestamp", now)) + float(value.get("cooldown_time", 0)) - now
+        if remaining > 0:
+            left[model_id] = remaining
+    return left
+
+
+def response_headers_source(obj: Any) -> dict[str, Any]:
+    return getattr(obj, "_hidden_params", None) or {}

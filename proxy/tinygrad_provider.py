@@ -1,0 +1,221 @@
+"""The `tinygrad` LiteLLM provider: how the Router talks to a tinygrad_backend server.
+
+A deployment `model: tinygrad/smollm2` with `api_base: http://127.0.0.1:8001` reaches here. We speak
+the backend's OpenAI-compatible HTTP API over pooled clients and translate its failures into the
+LiteLLM exceptions the Router retries and falls back on:
+
+  connection refused, 503 while loading  -> ServiceUnavailableError
+  400 context_length_exceeded            -> ContextWindowExceededError (context_window_fallbacks)
+  no answer within the deployment timeout -> Timeout
+
+The backend's own timings (time to first token, decode tokens/s, device) travel in the response's
+`provider_specific_fields["timings"]`, where the usage callback reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import litellm
+from litellm.llms.custom_llm import CustomLLM
+from litellm.types.utils import GenericStreamingChunk, ModelResponse
+
+PROVIDER = "tinygrad"
+DEFAULT_API_BASE = "http://127.0.0.1:8001"
+_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+# sampling parameters the backend understands; LiteLLM hands over whatever the caller sent
+_PASSED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "tools", "user")
+
+
+def _timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    return httpx.Timeout(timeout or 600.0, connect=5.0)
+
+
+def _body(model: str, messages: list, optional_params: dict, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
+    body.update({k: optional_params[k] for k in _PASSED if optional_params.get(k) is not None})
+    if stream:
+        body["stream_options"] = {"include_usage": True}  # usage is always wanted, for the books
+    return body
+
+
+def _url(api_base: str | None) -> str:
+    return (api_base or DEFAULT_API_BASE).rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
+
+
+def _error_from_status(status: int, text: str, model: str) -> Exception:
+    try:
+        err = json.loads(text).get("error", {})
+        message, code = (err.get("message") or text), err.get("code")
+    except (ValueError, AttributeError):
+        message, code = text, None
+    response = httpx.Response(status, text=text, request=httpx.Request("POST", "http://tinygrad-backend"))
+    if code == "context_length_exceeded":
+        return litellm.ContextWindowExceededError(message, model=model, llm_provider=PROVIDER, response=response)
+    if status == 503:
+        return litellm.ServiceUnavailableError(message, llm_provider=PROVIDER, model=model, response=response)
+    if status == 404:
+        return litellm.NotFoundError(message, model=model, llm_provider=PROVIDER, response=response)
+    if status == 400:
+        return litellm.BadRequestError(message, model=model, llm_provider=PROVIDER, response=response)
+    return litellm.InternalServerError(message, llm_provider=PROVIDER, model=model, response=response)
+
+
+def _error_from_transport(e: httpx.HTTPError, model: str, api_base: str | None) -> Exception:
+    where = api_base or DEFAULT_API_BASE
+    if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
+        return litellm.Timeout(f"tinygrad backend at {where} did not answer in time", model=model, llm_provider=PROVIDER)
+    return litellm.ServiceUnavailableError(f"tinygrad backend at {where} is unreachable: {e}", llm_provider=PROVIDER,
+                                           model=model)
+
+
+def _fill(model_response: ModelResponse, data: dict[str, Any], model: str) -> ModelResponse:
+    choice = data["choices"][0]
+    message = choice.get("message") or {}
+    model_response.choices[0].message.content = message.get("content") or ""  # type: ignore[union-attr]
+    model_response.choices[0].finish_reason = choice.get("finish_reason") or "stop"
+    model_response.model = f"{PROVIDER}/{data.get('model') or model}"
+    usage = data.get("usage") or {}
+    model_response.usage = litellm.Usage(  # type: ignore[attr-defined]
+        prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
+        total_tokens=usage.get("total_tokens", 0),
+    )
+    if data.get("timings"):
+        model_response.choices[0].message.provider_specific_fields = {"timings": data["timings"]}  # type: ignore[union-attr]
+        model_response._hidden_params["timings"] = data["timings"]
+    return model_response
+
+
+def _chunk(text: str = "", finish: str | None = None, usage: dict | None = None,
+           timings: dict | None = None) -> GenericStreamingChunk:
+    chunk: GenericStreamingChunk = {
+        "text": text, "is_finished": finish is not None, "finish_reason": finish or "", "index": 0,
+        "tool_use": None, "usage": None,
+    }
+    if usage:
+        chunk["usage"] = {"prompt_tokens": usage.get("prompt_tokens", 0),
+                          "completion_tokens": usage.get("completion_tokens", 0),
+                          "total_tokens": usage.get("total_tokens", 0)}
+    if timings:
+        chunk["provider_specific_fields"] = {"timings": timings}
+    return chunk
+
+
+class _SSE:
+    """Turns the backend's SSE lines into GenericStreamingChunks, raising on an error event."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.finish, self.timings = model, "", None
+
+    def feed(self, line: str) -> GenericStreamingChunk | None:
+        if not line.startswith("data: "):
+            return None
+        data = line[6:]
+        if data == "[DONE]":
+            return None
+        obj = json.loads(data)
+        if "error" in obj:
+            raise litellm.InternalServerError(f"tinygrad backend failed mid-stream: {obj['error'].get('message')}",
+                                              llm_provider=PROVIDER, model=self.model)
+        if obj.get("timings"):
+            self.timings = obj["timings"]
+        if obj.get("usage"):
+            return _chunk(finish=self.finish or "stop", usage=obj["usage"], timings=self.timings)
+        choice = (obj.get("choices") or [{}])[0]
+        text = (choice.get("delta") or {}).get("content") or ""
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]  # sent with the usage chunk that follows
+        return _chunk(text) if text else None
+
+
+class TinygradProvider(CustomLLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self._async: httpx.AsyncClient | None = None
+        self._sync: httpx.Client | None = None
+
+    def _aclient(self) -> httpx.AsyncClient:
+        if self._async is None or self._async.is_closed:
+            self._async = httpx.AsyncClient(limits=_LIMITS)
+        return self._async
+
+    def _client(self) -> httpx.Client:
+        if self._sync is None or self._sync.is_closed:
+            self._sync = httpx.Client(limits=_LIMITS)
+        return self._sync
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+        if self._sync is not None:
+            self._sync.close()
+
+    # --- one answer --------------------------------------------------------------------------------
+
+    async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override]
+                          encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
+                          logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
+        try:
+            r = await self._aclient().post(_url(api_base), json=_body(model, messages, optional_params, False),
+                                           timeout=_timeout(timeout))
+        except httpx.HTTPError as e:
+            raise _error_from_transport(e, model, api_base) from e
+        if r.status_code != 200:
+            raise _error_from_status(r.status_code, r.text, model)
+        return _fill(model_response, r.json(), model)
+
+    def completion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override]
+                   encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
+                   logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
+        try:
+            r = self._client().post(_url(api_base), json=_body(model, messages, optional_params, False),
+                                    timeout=_timeout(timeout))
+        except httpx.HTTPError as e:
+            raise _error_from_transport(e, model, api_base) from e
+        if r.status_code != 200:
+            raise _error_from_status(r.status_code, r.text, model)
+        return _fill(model_response, r.json(), model)
+
+    # --- streams -----------------------------------------------------------------------------------
+
+    async def astreaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override,misc]
+                         encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
+                         logger_fn=None, headers={}, timeout=None, client=None) -> AsyncIterator[GenericStreamingChunk]:  # noqa: B006
+        request = self._aclient().build_request("POST", _url(api_base), json=_body(model, messages, optional_params, True),
+                                                timeout=_timeout(timeout))
+        parser = _SSE(model)
+        try:
+            r = await self._aclient().send(request, stream=True)
+            try:
+                if r.status_code != 200:
+                    raise _error_from_status(r.status_code, (await r.aread()).decode(errors="replace"), model)
+                async for line in r.aiter_lines():
+                    if (chunk := parser.feed(line)) is not None:
+                        yield chunk
+            finally:
+                await r.aclose()
+        except httpx.HTTPError as e:
+            raise _error_from_transport(e, model, api_base) from e
+
+    def streaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override]
+                  encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
+                  logger_fn=None, headers={}, timeout=None, client=None) -> Iterator[GenericStreamingChunk]:  # noqa: B006
+        parser = _SSE(model)
+        try:
+            with self._client().stream("POST", _url(api_base), json=_body(model, messages, optional_params, True),
+                                       timeout=_timeout(timeout)) as r:
+                if r.status_code != 200:
+                    raise _error_from_status(r.status_code, r.read().decode(errors="replace"), model)
+                for line in r.iter_lines():
+                    if (chunk := parser.feed(line)) is not None:
+                        yield chunk
+        except httpx.HTTPError as e:
+            raise _error_from_transport(e, model, api_base) from e
+
+
+provider = TinygradProvider()

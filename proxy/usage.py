@@ -1,0 +1,166 @@
+"""The usage callback: what happened to one request, from first attempt to last byte.
+
+LiteLLM calls a `CustomLogger` once per deployment attempt (failures synchronously, before the Router
+moves on; successes a moment after the answer), so no single LiteLLM event describes a request that
+fell back twice and then streamed. The proxy opens a `RequestTrace` per request (`begin`), LiteLLM's
+events fill in the attempts, and the proxy closes it (`end`) with what the client actually got; the
+finished trace becomes exactly one usage row, written off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+log = logging.getLogger("delegate")
+SUCCESS_EVENT_WAIT_S = 2.0  # LiteLLM's success event trails the response; wait this long for it
+
+
+@dataclass
+class Attempt:
+    deployment_id: str
+    model: str
+    ok: bool
+    error_class: str | None = None
+    error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)
+
+
+@dataclass
+class RequestTrace:
+    request_id: str
+    alias: str
+    endpoint: str
+    stream: bool
+    key_id: str | None = None
+    started_at: float = field(default_factory=time.time)  # wall clock, for the row
+    started: float = field(default_factory=time.perf_counter)
+    attempts: list[Attempt] = field(default_factory=list)
+    served_by: str | None = None  # deployment id that answered
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # perf_counter
+    finished_at: float | None = None
+    backend_timings: dict[str, Any] | None = None
+    status: str = "pending"  # success | error | partial
+    error_class: str | None = None
+    error: str | None = None
+    litellm_cost: float | None = None  # LiteLLM's own price for the deployment that served (cloud)
+    _success_seen: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def latency_s(self) -> float:
+        return ((self.finished_at or time.perf_counter()) - self.started)
+
+    @property
+    def ttft_s(self) -> float | None:
+        if self.backend_timings and not self.stream and "ttft_ms" in self.backend_timings:
+            return float(self.backend_timings["ttft_ms"]) / 1000
+        return self.first_token_at - self.started if self.first_token_at else None
+
+    @property
+    def generation_s(self) -> float:
+        """Seconds the backend spent on this request (prefill and decode), for the local energy cost."""
+        t = self.backend_timings
+        if t and "prompt_ms" in t and "predicted_ms" in t:
+            return (float(t["prompt_ms"]) + float(t["predicted_ms"])) / 1000
+        return self.latency_s
+
+    @property
+    def decode_tps(self) -> float | None:
+        t = self.backend_timings
+        if t and t.get("predicted_per_second"):
+            return float(t["predicted_per_second"])
+        if self.first_token_at and self.finished_at and self.completion_tokens > 1:
+            span = self.finished_at - self.first_token_at
+            return (self.completion_tokens - 1) / span if span > 0 else None
+        return None
+
+
+Sink = Callable[[RequestTrace], Awaitable[None]]
+
+
+def _request_id(kwargs: dict[str, Any]) -> str | None:
+    metadata = (kwargs.get("litellm_params") or {}).get("metadata") or kwargs.get("metadata") or {}
+    return metadata.get("delegate_request_id")
+
+
+class UsageLogger(CustomLogger):
+    """Registered in config.yaml under litellm_settings.callbacks as `proxy.usage.usage_logger`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open: dict[str, RequestTrace] = {}
+        self._sinks: list[Sink] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def begin(self, alias: str, endpoint: str, stream: bool, key_id: str | None) -> RequestTrace:
+        trace = RequestTrace(f"req_{uuid.uuid4().hex}", alias, endpoint, stream, key_id)
+        self._open[trace.request_id] = trace
+        return trace
+
+    def end(self, trace: RequestTrace, status: str, error: BaseException | None = None) -> None:
+        """Close the trace; its row is written in the background once LiteLLM's success event is in."""
+        trace.finished_at = trace.finished_at or time.perf_counter()
+        trace.status = status
+        if error is not None:
+            trace.error_class, trace.error = type(error).__name__, str(error).split("\n", 1)[0][:500]
+        task = asyncio.get_running_loop().create_task(self._finish(trace))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, trace: RequestTrace) -> None:
+        if trace.status == "success" and not trace._success_seen.is_set():
+            try:
+                await asyncio.wait_for(trace._success_seen.wait(), SUCCESS_EVENT_WAIT_S)
+            except TimeoutError:
+                pass  # the proxy already holds the usage; LiteLLM's event only adds its cost
+        self._open.pop(trace.request_id, None)
+        for sink in self._sinks:
+            try:
+                await sink(trace)
+            except Exception:
+                log.exception("usage sink failed for %s", trace.request_id)
+
+    async def drain(self) -> None:
+        """Wait for every closed trace to reach the sinks (at shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- LiteLLM's events --------------------------------------------------------------------------
+
+    async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
+        trace = self._open.get(_request_id(kwargs) or "")
+        if trace is None:
+            return
+        slo = kwargs.get("standard_logging_object") or {}
+        exc = kwargs.get("exception")
+        trace.attempts.append(Attempt(
+            deployment_id=str(slo.get("model_id") or (kwargs.get("litellm_params") or {}).get("model_info", {}).get("id")),
+            model=str(kwargs.get("model")), ok=False,
+            error_class=type(exc).__name__ if exc else None, error=str(exc).split("\n", 1)[0][:300] if exc else None,
+            exception=exc,
+        ))
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
+        trace = self._open.get(_request_id(kwargs) or "")
+        if trace is None:
+            return
+        slo = kwargs.get("standard_logging_object") or {}
+        model_id = str(slo.get("model_id") or "")
+        trace.attempts.append(Attempt(deployment_id=model_id, model=str(kwargs.get("model")), ok=True))
+        trace.litellm_cost = slo.get("response_cost")
+        trace._success_seen.set()
+
+
+usage_logger = UsageLogger()

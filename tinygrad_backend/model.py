@@ -1,0 +1,118 @@
+"""The model itself: GGUF weights run by tinygrad, giving next-token logits for a token sequence.
+
+It knows nothing of HTTP or of requests. tinygrad 0.13.0's `Transformer` does the work; we keep its
+blocks and KV cache and change one thing: our forward returns the logits instead of a token picked on
+the device, so sampling (temperature, top_p, seed) and the agreement check against llama.cpp can see
+them. tinygrad is not thread-safe: one thread (the engine's) calls this object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tinygrad import Device, Tensor, TinyJit, UOp
+from tinygrad.llm.model import Transformer
+
+from tinygrad_backend.gguf_file import GGUFHeader
+
+PREFILL_CHUNK = 32  # prompt tokens per prefill step, as tinygrad.llm.model.Transformer.generate
+
+
+def _load(header: GGUFHeader, context: int) -> Transformer:
+    net, _ = Transformer.from_gguf(header.path, context)
+
+    def forward(tokens: Tensor, start_pos: int | UOp) -> Tensor:
+        x = net.token_embd(tokens).float()  # (B, T, D)
+        for block in net.blk:
+            x = block(x, start_pos)
+        # only the last position's logits are wanted; contiguous gives the JIT an output buffer of its own
+        # (a view into the (B, T, vocab) result would keep the offset of the T it was captured with)
+        return net.output(net.output_norm(x[:, -1, :])).contiguous()  # (B, vocab)
+
+    # from_gguf builds a plain Transformer, so swap its JITs for ones around the logits forward
+    net.prefill_jit, net.rollout_jit = TinyJit(forward), TinyJit(forward)
+    return net
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    device: str
+    max_context: int
+    parameters: int
+    weight_bytes: int
+
+
+class Model:
+    def __init__(self, header: GGUFHeader, max_context: int | None, progress: Callable[[str], None] = print) -> None:
+        context = min(max_context or header.context_length, header.context_length)
+        start = time.perf_counter()
+        self._net = _load(header, context)
+        params = _parameters(self._net)
+        progress(f"weights loaded in {time.perf_counter() - start:.1f}s")
+        self.info = ModelInfo(
+            name=header.name,
+            architecture=header.architecture,
+            device=Device.DEFAULT,
+            max_context=context,
+            parameters=sum(int(p.numel()) for p in params),
+            weight_bytes=header.path.stat().st_size,
+        )
+        self._cached: list[int] = []  # the tokens whose keys and values sit in the KV cache
+        self._start_var = UOp.variable("start_pos", 0, context - 1)
+        self._len_var = UOp.variable("toks", 1, PREFILL_CHUNK)
+
+    @property
+    def max_context(self) -> int:
+        return self.info.max_context
+
+    def reusable_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` the KV cache already holds (at least one is always fed)."""
+        n = 0
+        for a, b in zip(tokens[:-1], self._cached, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def next_logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits for the token after `tokens`, feeding only what the KV cache lacks. Shape (vocab,)."""
+        if not 0 < len(tokens) <= self.max_context:
+            raise ValueError(f"{len(tokens)} tokens do not fit a context of {self.max_context}")
+        pos = self.reusable_prefix(tokens)
+        # As Transformer.generate: the JIT sees a view into one context-sized buffer at a symbolic offset
+        # and length; other shapes of input made replays of a captured prefill read the wrong tokens.
+        buf = Tensor([tokens + [0] * (self.max_context - len(tokens))], dtype="int32")
+        out: Tensor | None = None
+        while pos < len(tokens):
+            n = min(PREFILL_CHUNK, len(tokens) - pos)
+            sp, nt = self._start_var.bind(pos), self._len_var.bind(n)
+            jit = self._net.rollout_jit if n == 1 else self._net.prefill_jit
+            out = jit(buf[:, sp : sp + nt].contiguous(), sp).realize()  # realizing writes the KV cache
+            pos += n
+        self._cached = list(tokens)
+        assert out is not None
+        return out.numpy().reshape(-1)
+
+    def warm_up(self, progress: Callable[[str], None] = print) -> None:
+        """Compile and capture both JITs (prefill and one-token decode) before the first request."""
+        start = time.perf_counter()
+        for _ in range(2):  # TinyJit captures on its second call
+            self._cached = []
+            seq = [0, 1, 2]
+            self.next_logits(seq)
+            for _ in range(2):
+                seq.append(0)
+                self.next_logits(seq)
+        self._cached = []
+        progress(f"kernels compiled in {time.perf_counter() - start:.1f}s")
+
+
+def _parameters(net: Transformer) -> list[Tensor]:
+    from tinygrad.nn.state import get_parameters
+
+    return get_parameters(net)
