@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.servers import ROOT, ServerThread, free_port, process, wait_http
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+BACKEND_CONTEXT = 512
+
+
+@pytest.fixture(autouse=True)
+def delegate_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own data directory and no stray keys from the environment."""
+    home = tmp_path / "delegate-home"
+    monkeypatch.setenv("DELEGATE_HOME", str(home))
+    monkeypatch.delenv("DELEGATE_MASTER_KEY", raising=False)
+    monkeypatch.delenv("DELEGATE_DATABASE_URL", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def bundled_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real tinygrad backend with the bundled SmolLM2 for the whole session: the CPU is slow."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("backend") / "backend.log"
+    with process(["-m", "tinygrad_backend", "--port", str(port), "--max-context", str(BACKEND_CONTEXT)], log=log) as proc:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(url + "/health", timeout=900, proc=proc)
+        except Exception:
+            print(log.read_text(errors="replace"))
+            raise
+        yield url
+
+
+def write_config(path: Path, deployments: list[tuple[str, str, str | None]], fallbacks: dict[str, list[str]] | None = None,
+                 aliases: list[str] | None = None, router: dict[str, Any] | None = None,
+                 delegate: dict[str, Any] | None = None, context_fallbacks: dict[str, list[str]] | None = None) -> Path:
+    """A config.yaml for tests: deployments are (model_name, provider/model, api_base)."""
+    model_list = []
+    for name, model, api_base in deployments:
+        params: dict[str, Any] = {"model": model}
+        if api_base:
+            params["api_base"] = api_base
+        if model.startswith("openai/"):
+            params["api_key"] = "sk-test"
+        model_list.append({"model_name": name, "litellm_params": params, "model_info": {"power_watts": 100}})
+    groups = list(dict.fromkeys(d[0] for d in deployments))
+    config = {
+        "model_list": model_list,
+        "router_settings": {"num_retries": 0, "allowed_fails": 1, "cooldown_time": 30, "timeout": 30,
+                            "fallbacks": [{k: v} for k, v in (fallbacks or {}).items()],
+                            "context_window_fallbacks": [{k: v} for k, v in (context_fallbacks or {}).items()],
+                            **(router or {})},
+        "litellm_settings": {"drop_params": True, "callbacks": ["proxy.usage.usage_logger"],
+                             "custom_provider_map": [{"provider": "tinygrad",
+                                                      "custom_handler": "proxy.tinygrad_provider.provider"}]},
+        "delegate": {"aliases": {a: f"the {a} alias" for a in (aliases or groups[:1])}, "backend": None,
+                     **(delegate or {})},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
+    """Start the real proxy app under uvicorn for a config written by write_config."""
+    stack = contextlib.ExitStack()
+
+    def start(config: Path, master_key: str | None = None) -> ServerThread:
+        from proxy import settings
+        from proxy.app import create_app
+
+        app = create_app(settings.load(config), master_key)
+        return stack.enter_context(ServerThread(app))
+
+    with stack:
+        yield start
+
+
+@pytest.fixture
+def fake_backend() -> Iterator[Callable[..., Any]]:
+    """Start FakeBackend servers; returns (backend, url)."""
+    from tests.fake_backend import FakeBackend
+
+    stack = contextlib.ExitStack()
+
+    def start(name: str, **kwargs: Any) -> tuple[FakeBackend, str]:
+        backend = FakeBackend(name, **kwargs)
+        server = stack.enter_context(ServerThread(backend.app))
+        return backend, server.url + "/v1"
+
+    with stack:
+        yield start
+
+
+__all__ = ["ROOT", "write_config"]

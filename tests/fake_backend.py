@@ -1,0 +1,72 @@
+"""A small OpenAI-compatible server standing in for Ollama, vLLM or a cloud API in proxy tests.
+
+It answers `answer from <name>` and records every request body, so tests can check what the proxy
+forwarded. `mode` changes its behaviour while it runs: "ok", "stall" (never answers), "die" (streams
+two chunks and drops the connection), "unavailable" (503). Prompts longer than `context` tokens
+(4 characters each) get OpenAI's 400 context_length_exceeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+class FakeBackend:
+    def __init__(self, name: str, context: int = 100_000, mode: str = "ok") -> None:
+        self.name, self.context, self.mode = name, context, mode
+        self.requests: list[dict[str, Any]] = []
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+        ])
+
+    def prompt_tokens(self, body: dict[str, Any]) -> int:
+        return max(1, sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model"}]})
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.mode == "stall":
+            await asyncio.sleep(3600)
+        if self.mode == "unavailable":
+            return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}}, status_code=503)
+        tokens = self.prompt_tokens(body)
+        if tokens > self.context:
+            return JSONResponse({"error": {
+                "message": f"This model's maximum context length is {self.context} tokens. However, your messages "
+                           f"resulted in {tokens} tokens. Please reduce the length of the messages.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status_code=400)
+        words = ["answer", " from", f" {self.name}"]
+        usage = {"prompt_tokens": tokens, "completion_tokens": len(words), "total_tokens": tokens + len(words)}
+        base = {"id": f"chatcmpl-{self.name}", "created": int(time.time()), "model": self.name}
+        if not body.get("stream"):
+            return JSONResponse({**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "".join(words)}, "finish_reason": "stop"}],
+                "usage": usage})
+
+        async def frames():  # type: ignore[no-untyped-def]
+            for i, w in enumerate(words):
+                if self.mode == "die" and i == 2:
+                    raise ConnectionResetError("fake backend died mid-stream")
+                delta = {"role": "assistant", "content": w} if i == 0 else {"content": w}
+                chunk = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(0.01)
+            last = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(last)}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
