@@ -120,8 +120,10 @@ class Proxy:
         return from_backend(exc, unreachable, min(cooling.values()) if all_cooling and cooling else None)
 
     def _kwargs(self, trace: RequestTrace, body: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {"model": trace.alias, "metadata": {"delegate_request_id": trace.request_id},
-                  **validation.forwarded(body)}
+        metadata = {"delegate_request_id": trace.request_id}
+        if body.get("user") is not None:
+            metadata["delegate_user"] = body["user"]  # for providers LiteLLM would not hand `user` to
+        kwargs = {"model": trace.alias, "metadata": metadata, **validation.forwarded(body)}
         if trace.stream:
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}  # real token counts, always

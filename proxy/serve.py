@@ -8,6 +8,7 @@ then the backend.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -129,7 +130,8 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True) -> int:
         server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning",
                                                access_log=False, timeout_graceful_shutdown=30))
         log.info("delegate proxy on http://%s:%d/v1 (aliases: %s)", host, port, ", ".join(settings.aliases))
-        server.run(sockets=[sock])
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            server.run(sockets=[sock])
     finally:
         stop_backend(proc)
     return 0

@@ -14,6 +14,7 @@ The backend's own timings (time to first token, decode tokens/s, device) travel 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -36,9 +37,13 @@ def _timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
     return httpx.Timeout(timeout or 600.0, connect=5.0)
 
 
-def _body(model: str, messages: list, optional_params: dict, stream: bool) -> dict[str, Any]:
+def _body(model: str, messages: list, optional_params: dict, litellm_params: dict | None, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
     body.update({k: optional_params[k] for k in _PASSED if optional_params.get(k) is not None})
+    # LiteLLM drops `user` before a custom provider sees it; the proxy carries it in the metadata
+    user = ((litellm_params or {}).get("metadata") or {}).get("delegate_user")
+    if user is not None:
+        body["user"] = user
     if stream:
         body["stream_options"] = {"include_usage": True}  # usage is always wanted, for the books
     return body
@@ -137,11 +142,14 @@ class TinygradProvider(CustomLLM):
     def __init__(self) -> None:
         super().__init__()
         self._async: httpx.AsyncClient | None = None
+        self._async_loop: asyncio.AbstractEventLoop | None = None
         self._sync: httpx.Client | None = None
 
     def _aclient(self) -> httpx.AsyncClient:
-        if self._async is None or self._async.is_closed:
-            self._async = httpx.AsyncClient(limits=_LIMITS)
+        # a pooled client belongs to the event loop that opened its connections
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async.is_closed or self._async_loop is not loop:
+            self._async, self._async_loop = httpx.AsyncClient(limits=_LIMITS), loop
         return self._async
 
     def _client(self) -> httpx.Client:
@@ -161,7 +169,7 @@ class TinygradProvider(CustomLLM):
                           encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                           logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
         try:
-            r = await self._aclient().post(_url(api_base), json=_body(model, messages, optional_params, False),
+            r = await self._aclient().post(_url(api_base), json=_body(model, messages, optional_params, litellm_params, False),
                                            timeout=_timeout(timeout))
         except httpx.HTTPError as e:
             raise _error_from_transport(e, model, api_base) from e
@@ -173,7 +181,7 @@ class TinygradProvider(CustomLLM):
                    encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                    logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
         try:
-            r = self._client().post(_url(api_base), json=_body(model, messages, optional_params, False),
+            r = self._client().post(_url(api_base), json=_body(model, messages, optional_params, litellm_params, False),
                                     timeout=_timeout(timeout))
         except httpx.HTTPError as e:
             raise _error_from_transport(e, model, api_base) from e
@@ -186,8 +194,8 @@ class TinygradProvider(CustomLLM):
     async def astreaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override,misc]
                          encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                          logger_fn=None, headers={}, timeout=None, client=None) -> AsyncIterator[GenericStreamingChunk]:  # noqa: B006
-        request = self._aclient().build_request("POST", _url(api_base), json=_body(model, messages, optional_params, True),
-                                                timeout=_timeout(timeout))
+        body = _body(model, messages, optional_params, litellm_params, True)
+        request = self._aclient().build_request("POST", _url(api_base), json=body, timeout=_timeout(timeout))
         parser = _SSE(model)
         try:
             r = await self._aclient().send(request, stream=True)
@@ -207,7 +215,7 @@ class TinygradProvider(CustomLLM):
                   logger_fn=None, headers={}, timeout=None, client=None) -> Iterator[GenericStreamingChunk]:  # noqa: B006
         parser = _SSE(model)
         try:
-            with self._client().stream("POST", _url(api_base), json=_body(model, messages, optional_params, True),
+            with self._client().stream("POST", _url(api_base), json=_body(model, messages, optional_params, litellm_params, True),
                                        timeout=_timeout(timeout)) as r:
                 if r.status_code != 200:
                     raise _error_from_status(r.status_code, r.read().decode(errors="replace"), model)

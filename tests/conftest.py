@@ -40,13 +40,13 @@ def bundled_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def write_config(path: Path, deployments: list[tuple[str, str, str | None]], fallbacks: dict[str, list[str]] | None = None,
+def write_config(path: Path, deployments: list[tuple[Any, ...]], fallbacks: dict[str, list[str]] | None = None,
                  aliases: list[str] | None = None, router: dict[str, Any] | None = None,
                  delegate: dict[str, Any] | None = None, context_fallbacks: dict[str, list[str]] | None = None) -> Path:
-    """A config.yaml for tests: deployments are (model_name, provider/model, api_base)."""
+    """A config.yaml for tests: deployments are (model_name, provider/model, api_base[, extra litellm_params])."""
     model_list = []
-    for name, model, api_base in deployments:
-        params: dict[str, Any] = {"model": model}
+    for name, model, api_base, *extra in deployments:
+        params: dict[str, Any] = {"model": model, **(extra[0] if extra else {})}
         if api_base:
             params["api_base"] = api_base
         if model.startswith("openai/"):

@@ -25,6 +25,7 @@ class FakeBackend:
         self.requests: list[dict[str, Any]] = []
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
         ])
 
@@ -33,6 +34,13 @@ class FakeBackend:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model"}]})
+
+    async def completions(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        return JSONResponse({"id": "cmpl-1", "object": "text_completion", "created": int(time.time()), "model": self.name,
+                             "choices": [{"index": 0, "text": f"answer from {self.name}", "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}})
 
     async def chat(self, request: Request) -> Response:
         body = await request.json()
@@ -60,7 +68,8 @@ class FakeBackend:
                 if self.mode == "die" and i == 2:
                     raise ConnectionResetError("fake backend died mid-stream")
                 delta = {"role": "assistant", "content": w} if i == 0 else {"content": w}
-                chunk = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                choice = {"index": 0, "delta": delta, "finish_reason": None}
+                chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 await asyncio.sleep(0.01)
             last = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}

@@ -69,7 +69,7 @@ def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,), proc: subp
 
 @contextlib.contextmanager
 def process(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[subprocess.Popen[Any]]:
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    out = open(log, "wb") if log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=out, stderr=subprocess.STDOUT)
     try:

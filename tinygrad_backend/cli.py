@@ -8,6 +8,7 @@ weights load and the kernels compile on the engine thread while /health already 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -150,6 +151,7 @@ def _serve(model_id, header, tokenizer, template, sock, context, log_level) -> i
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     engine.start()
-    server.run(sockets=[sock])
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        server.run(sockets=[sock])
     engine.stop()
     return EXIT_BAD_START if failure else 0
