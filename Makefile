@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml
 
-.PHONY: install serve backend test check lint typecheck clean
+.PHONY: install serve backend test check lint typecheck clean bench-proxy
 
 install: $(STAMP)
 
@@ -40,10 +40,24 @@ test: $(STAMP)
 check: lint typecheck
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tinygrad_backend tests
+	$(BIN)/ruff check proxy tinygrad_backend tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# --- benchmarks: not tests; each writes its section of BENCHMARKS.md -----------------------------------
+BENCH := .bench
+LITELLM_PROXY_ENV := $(BENCH)/litellm-proxy
+
+# LiteLLM's own proxy, only as a reference to measure against (1.108.0: newer [proxy] extras pin packages
+# the registry lacks)
+$(LITELLM_PROXY_ENV)/.installed:
+	$(PYTHON) -m venv $(LITELLM_PROXY_ENV)
+	$(LITELLM_PROXY_ENV)/bin/pip install -q 'litellm[proxy]==1.108.0'
+	touch $@
+
+bench-proxy: $(STAMP) $(LITELLM_PROXY_ENV)/.installed
+	$(BIN)/python bench/bench_proxy.py --requests 2000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
