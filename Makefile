@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := clang
+# clang: tinygrad's CPU device compiles with it; chromium: the savings page is tested in a real browser
+SYSTEM_PACKAGES := clang chromium
 HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import litellm
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,31 +26,17 @@ from proxy import validation
 from proxy.auth import Auth
 from proxy.errors import ProxyError, from_backend
 from proxy.health import HealthMonitor
+from proxy.recorder import Recorder
+from proxy.responses import json_response, sse
 from proxy.router import Deployment, active_cooldowns, build_router
 from proxy.settings import Settings
+from proxy.spend import SpendAPI
+from proxy.store import UsageStore
+from proxy.ui import SavingsPage
 from proxy.usage import RequestTrace, UsageLogger, usage_logger
 
 log = logging.getLogger("delegate")
 DONE = b"data: [DONE]\n\n"
-
-
-def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    try:
-        body = orjson.dumps(obj)
-    except TypeError:  # lone surrogates, which orjson refuses, are the client's own text: send them back
-        import json
-
-        body = json.dumps(obj).encode()
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-def _sse(obj: Any) -> bytes:
-    try:
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
-    except TypeError:
-        import json
-
-        return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 def _connection_failure(exc: BaseException | None) -> bool:
@@ -63,9 +48,11 @@ def _connection_failure(exc: BaseException | None) -> bool:
 
 
 class Proxy:
-    def __init__(self, settings: Settings, master_key: str | None, usage: UsageLogger = usage_logger) -> None:
+    def __init__(self, settings: Settings, master_key: str | None, store: UsageStore,
+                 usage: UsageLogger = usage_logger) -> None:
         self.settings = settings
         self.router, self.deployments = build_router(settings)
+        self.store = store
         self.auth = Auth(master_key)
         self.usage = usage
         self.health = HealthMonitor(self.deployments)
@@ -73,6 +60,7 @@ class Proxy:
         self.started = int(time.time())
         self.chain_ids = {g: [i for grp in settings.chain(g) for i, d in self.deployments.items() if d.group == grp]
                           for g in settings.groups}
+        self.recorder = Recorder(store, self.deployments, settings.delegate, {g: settings.chain(g) for g in settings.groups})
         self.draining = False
 
     # --- one request -------------------------------------------------------------------------------
@@ -136,7 +124,8 @@ class Proxy:
         validation.check_messages(body)
         validation.check_common(body)
         validation.check_tools(body)
-        trace = self.usage.begin(alias, "chat", bool(body.get("stream")), key)
+        trace = self.usage.begin(alias, "chat", bool(body.get("stream")), key, self.recorder.record)
+        trace.prompt = body["messages"]
         kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await self._complete(trace, kwargs, include_usage, self.router.acompletion, _chat_dict, _chat_chunk)
@@ -147,8 +136,9 @@ class Proxy:
         alias = validation.check_model(body, self.known, self.settings.aliases)
         validation.check_prompt(body)
         validation.check_common(body)
-        trace = self.usage.begin(alias, "text", bool(body.get("stream")), key)
+        trace = self.usage.begin(alias, "text", bool(body.get("stream")), key, self.recorder.record)
         prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
+        trace.prompt = prompt
         kwargs = {**self._kwargs(trace, body), "prompt": prompt}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await self._complete(trace, kwargs, include_usage, self.router.atext_completion, _text_dict, _text_chunk)
@@ -177,7 +167,7 @@ class Proxy:
             trace.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
             trace.backend_timings = (getattr(result, "_hidden_params", None) or {}).get("timings")
             self.usage.end(trace, "success")
-            return _json(to_dict(result, served_model), headers=headers)
+            return json_response(to_dict(result, served_model), headers=headers)
         return StreamingResponse(self._stream(trace, result, include_usage, served_model, to_chunk),
                                  media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
@@ -185,6 +175,7 @@ class Proxy:
                       to_chunk: Any) -> AsyncIterator[bytes]:
         status = "partial"
         error: BaseException | None = None
+        content_chunks = 0  # each chunk is about one token: the count that stands when no usage chunk arrives
         try:
             async for chunk in stream:
                 chunk_usage = getattr(chunk, "usage", None)
@@ -199,11 +190,13 @@ class Proxy:
                     continue
                 if chunk_usage is not None and not out["choices"] and not include_usage:
                     continue
-                if trace.first_token_at is None and out["choices"]:
-                    trace.first_token_at = time.perf_counter()
+                if out["choices"] and _has_text(out["choices"][0]):
+                    content_chunks += 1
+                    if trace.first_token_at is None:
+                        trace.first_token_at = time.perf_counter()
                 if not include_usage:
                     out.pop("usage", None)
-                yield _sse(out)
+                yield sse(out)
             status = "success"
         except (asyncio.CancelledError, GeneratorExit):
             error = ConnectionAbortedError("the client disconnected mid-stream")
@@ -213,9 +206,13 @@ class Proxy:
             error = exc
             err = ProxyError(502, f"the backend failed mid-stream: {exc}".split("\n", 1)[0][:500],
                              type_="upstream_error", code="stream_interrupted")
-            yield _sse(err.body())
+            yield sse(err.body())
         finally:
             trace.finished_at = time.perf_counter()
+            if status != "success":
+                trace.completion_tokens = max(trace.completion_tokens, content_chunks)
+                if not trace.prompt_tokens:
+                    trace.prompt_tokens = _estimate_prompt_tokens(trace, model)
             self.usage.end(trace, status, error)
             with contextlib.suppress(Exception):
                 inner = getattr(stream, "completion_stream", None)
@@ -237,32 +234,55 @@ class Proxy:
                 "fallbacks": self.settings.chain(group)[1:],
                 "deployments": [d.model for d in self.deployments.values() if d.group == group],
             })
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     async def liveliness(self, request: Request) -> Response:
-        return _json({"status": "alive"})
+        return json_response({"status": "alive"})
 
-    def readiness_problems(self) -> list[str]:
+    async def readiness_problems(self) -> list[str]:
         problems = []
         if self.draining:
             problems.append("draining: shutting down")
         if not self.health.any_ready():
             problems.append("no deployment is reachable")
+        if problem := self.recorder.problem():
+            problems.append(problem)
+        else:
+            try:
+                await asyncio.to_thread(self.store.check_writable)
+            except Exception as e:  # noqa: BLE001 - any failure means rows cannot be written now
+                problems.append(f"usage store not writable: {e}")
         return problems
 
     async def readiness(self, request: Request) -> Response:
-        problems = self.readiness_problems()
+        problems = await self.readiness_problems()
         body = {"status": "ready" if not problems else "not_ready", "problems": problems, "config": str(self.settings.path),
                 "litellm_version": _litellm_version()}
-        return _json(body, status=200 if not problems else 503)
+        return json_response(body, status=200 if not problems else 503)
 
     async def health_report(self, request: Request) -> Response:
         self.auth.check(request.headers.get("authorization"))
         cooldowns = active_cooldowns(self.router, list(self.deployments))
         deployments = self.health.report(cooldowns)
         healthy = [d for d in deployments if d["status"] in ("ready", "not_probed") and d["cooldown_remaining_s"] is None]
-        return _json({"healthy_count": len(healthy), "unhealthy_count": len(deployments) - len(healthy),
+        return json_response({"healthy_count": len(healthy), "unhealthy_count": len(deployments) - len(healthy),
                       "deployments": deployments})
+
+
+def _has_text(choice: dict[str, Any]) -> bool:
+    return bool((choice.get("delta") or {}).get("content") or choice.get("text"))
+
+
+def _estimate_prompt_tokens(trace: RequestTrace, model: str) -> int:
+    """A stream cut short never got its usage chunk: count the prompt with LiteLLM's tokenizer instead."""
+    if trace.prompt is None:
+        return 0
+    try:
+        if isinstance(trace.prompt, str):
+            return int(litellm.token_counter(model=model, text=trace.prompt))
+        return int(litellm.token_counter(model=model, messages=trace.prompt))
+    except Exception:  # noqa: BLE001 - an estimate; zero when even that fails
+        return 0
 
 
 def _litellm_version() -> str:
@@ -353,11 +373,18 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return ProxyError(500, "internal error in the proxy; see its log", type_="server_error").response()
 
 
-def create_app(settings: Settings, master_key: str | None) -> Starlette:
-    proxy = Proxy(settings, master_key)
+def create_app(settings: Settings, master_key: str | None, store: UsageStore | None = None) -> Starlette:
+    proxy = Proxy(settings, master_key, store or UsageStore.open())
+
+    def check_key(request: Request) -> None:
+        proxy.auth.check(request.headers.get("authorization"))
+
+    spend = SpendAPI(proxy.store, check_key)
+    savings = SavingsPage(proxy.store, settings.delegate.reference_model, check_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        proxy.recorder.start()
         await proxy.health.start()
         try:
             yield
@@ -365,6 +392,7 @@ def create_app(settings: Settings, master_key: str | None) -> Starlette:
             proxy.draining = True
             await proxy.health.stop()
             await proxy.usage.drain()
+            await proxy.recorder.stop()
 
     routes = [
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
@@ -377,6 +405,10 @@ def create_app(settings: Settings, master_key: str | None) -> Starlette:
         Route("/health/liveness", proxy.liveliness, methods=["GET"]),
         Route("/health/readiness", proxy.readiness, methods=["GET"]),
         Route("/health", proxy.health_report, methods=["GET"]),
+        Route("/spend/logs", spend.logs, methods=["GET"]),
+        Route("/global/spend/report", spend.report, methods=["GET"]),
+        Route("/ui", savings.page, methods=["GET"]),
+        Route("/ui/data", savings.data, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected})

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
 from starlette.responses import Response
+
+from proxy.responses import dumps
 
 
 class ProxyError(Exception):
@@ -27,7 +28,7 @@ class ProxyError(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
 
     def response(self, extra_headers: dict[str, str] | None = None) -> Response:
-        return Response(orjson.dumps(self.body()), status_code=self.status, media_type="application/json",
+        return Response(dumps(self.body()), status_code=self.status, media_type="application/json",
                         headers={**self.headers(), **(extra_headers or {})})
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from proxy.settings import BackendSettings, ConfigError, Settings
+from proxy.store import StoreError, UsageStore
 
 log = logging.getLogger("delegate")
 EXIT_BAD_START = 2
@@ -101,10 +102,15 @@ def stop_backend(proc: subprocess.Popen[bytes] | None) -> None:
 
 def load_settings(config: Path) -> Settings:
     from proxy import settings as settings_module
+    from proxy.pricing import PricingError, check_reference_model
     from proxy.router import build_router
 
     settings = settings_module.load(config)
     build_router(settings)  # the checks that need LiteLLM, and the Router's own, before anything starts
+    try:
+        check_reference_model(settings.delegate.reference_model)
+    except PricingError as e:
+        raise ConfigError(f"delegate.reference_model: {e}") from e
     return settings
 
 
@@ -116,9 +122,10 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True) -> int:
             raise StartError(f"refusing to listen on {host} without DELEGATE_MASTER_KEY: anyone on the network "
                              "could use it. Set the key, or bind 127.0.0.1")
         settings = load_settings(config)
+        store = UsageStore.open()
         sock = bind(host, port)
         proc = start_backend(settings.delegate.backend) if with_backend and settings.delegate.backend else None
-    except (ConfigError, StartError) as e:
+    except (ConfigError, StartError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_START
     try:
@@ -126,7 +133,7 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True) -> int:
 
         from proxy.app import create_app
 
-        app = create_app(settings, master_key)
+        app = create_app(settings, master_key, store)
         server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning",
                                                access_log=False, timeout_graceful_shutdown=30))
         log.info("delegate proxy on http://%s:%d/v1 (aliases: %s)", host, port, ", ".join(settings.aliases))

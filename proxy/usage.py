@@ -33,6 +33,9 @@ class Attempt:
     exception: BaseException | None = field(default=None, repr=False)
 
 
+Sink = Callable[["RequestTrace"], Awaitable[None]]
+
+
 @dataclass
 class RequestTrace:
     request_id: str
@@ -52,7 +55,9 @@ class RequestTrace:
     status: str = "pending"  # success | error | partial
     error_class: str | None = None
     error: str | None = None
+    prompt: Any = field(default=None, repr=False)  # the messages or prompt, to estimate tokens if usage never comes
     litellm_cost: float | None = None  # LiteLLM's own price for the deployment that served (cloud)
+    sink: Sink | None = field(default=None, repr=False)  # where the finished trace goes (the proxy's recorder)
     _success_seen: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -84,9 +89,6 @@ class RequestTrace:
         return None
 
 
-Sink = Callable[[RequestTrace], Awaitable[None]]
-
-
 def _request_id(kwargs: dict[str, Any]) -> str | None:
     metadata = (kwargs.get("litellm_params") or {}).get("metadata") or kwargs.get("metadata") or {}
     return metadata.get("delegate_request_id")
@@ -98,14 +100,10 @@ class UsageLogger(CustomLogger):
     def __init__(self) -> None:
         super().__init__()
         self._open: dict[str, RequestTrace] = {}
-        self._sinks: list[Sink] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add_sink(self, sink: Sink) -> None:
-        self._sinks.append(sink)
-
-    def begin(self, alias: str, endpoint: str, stream: bool, key_id: str | None) -> RequestTrace:
-        trace = RequestTrace(f"req_{uuid.uuid4().hex}", alias, endpoint, stream, key_id)
+    def begin(self, alias: str, endpoint: str, stream: bool, key_id: str | None, sink: Sink | None) -> RequestTrace:
+        trace = RequestTrace(f"req_{uuid.uuid4().hex}", alias, endpoint, stream, key_id, sink=sink)
         self._open[trace.request_id] = trace
         return trace
 
@@ -126,11 +124,11 @@ class UsageLogger(CustomLogger):
             except TimeoutError:
                 pass  # the proxy already holds the usage; LiteLLM's event only adds its cost
         self._open.pop(trace.request_id, None)
-        for sink in self._sinks:
+        if trace.sink is not None:
             try:
-                await sink(trace)
+                await trace.sink(trace)
             except Exception:
-                log.exception("usage sink failed for %s", trace.request_id)
+                log.exception("recording usage failed for %s", trace.request_id)
 
     async def drain(self) -> None:
         """Wait for every closed trace to reach the sinks (at shutdown)."""

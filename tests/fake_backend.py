@@ -2,7 +2,8 @@
 
 It answers `answer from <name>` and records every request body, so tests can check what the proxy
 forwarded. `mode` changes its behaviour while it runs: "ok", "stall" (never answers), "die" (streams
-two chunks and drops the connection), "unavailable" (503). Prompts longer than `context` tokens
+two chunks and drops the connection), "unavailable" (503), "slow" (streams 50 words, 0.1 s apart;
+`cancelled` counts the streams whose client went away). Prompts longer than `context` tokens
 (4 characters each) get OpenAI's 400 context_length_exceeded.
 """
 
@@ -23,6 +24,7 @@ class FakeBackend:
     def __init__(self, name: str, context: int = 100_000, mode: str = "ok") -> None:
         self.name, self.context, self.mode = name, context, mode
         self.requests: list[dict[str, Any]] = []
+        self.cancelled = 0
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -55,7 +57,7 @@ class FakeBackend:
                 "message": f"This model's maximum context length is {self.context} tokens. However, your messages "
                            f"resulted in {tokens} tokens. Please reduce the length of the messages.",
                 "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status_code=400)
-        words = ["answer", " from", f" {self.name}"]
+        words = ["answer", " from", f" {self.name}"] if self.mode != "slow" else [f" w{i}" for i in range(50)]
         usage = {"prompt_tokens": tokens, "completion_tokens": len(words), "total_tokens": tokens + len(words)}
         base = {"id": f"chatcmpl-{self.name}", "created": int(time.time()), "model": self.name}
         if not body.get("stream"):
@@ -64,6 +66,14 @@ class FakeBackend:
                 "usage": usage})
 
         async def frames():  # type: ignore[no-untyped-def]
+            try:
+                async for frame in _frames():
+                    yield frame
+            except (asyncio.CancelledError, GeneratorExit):
+                self.cancelled += 1
+                raise
+
+        async def _frames():  # type: ignore[no-untyped-def]
             for i, w in enumerate(words):
                 if self.mode == "die" and i == 2:
                     raise ConnectionResetError("fake backend died mid-stream")
@@ -71,7 +81,7 @@ class FakeBackend:
                 choice = {"index": 0, "delta": delta, "finish_reason": None}
                 chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
                 yield f"data: {json.dumps(chunk)}\n\n"
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1 if self.mode == "slow" else 0.01)
             last = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
             yield f"data: {json.dumps(last)}\n\n"
             if (body.get("stream_options") or {}).get("include_usage"):

@@ -52,7 +52,7 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(60)
 
 
 def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,), proc: subprocess.Popen[Any] | None = None) -> None:

@@ -1,0 +1,141 @@
+"""From a finished request to a stored row: priced, queued, written off the request path, never dropped.
+
+Rows wait in memory and a background task writes them in batches on a worker thread, so no response
+waits for the disk. A failed write keeps its rows and is retried with backoff (a locked or read-only
+file, a Postgres restart); /health/readiness shows the problem meanwhile. Shutdown flushes what is
+pending. The store's primary key makes a retried batch harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from proxy.pricing import costs
+from proxy.router import Deployment
+from proxy.settings import DelegateSettings
+from proxy.store import UsageStore, delegate_home
+from proxy.usage import RequestTrace
+
+log = logging.getLogger("delegate")
+BATCH = 200
+RETRY_MAX_S = 30.0
+
+
+class Recorder:
+    def __init__(self, store: UsageStore, deployments: dict[str, Deployment], settings: DelegateSettings,
+                 chains: dict[str, list[str]]) -> None:
+        self.store, self.deployments, self.settings, self.chains = store, deployments, settings, chains
+        self.pending: list[dict[str, Any]] = []
+        self.last_error: str | None = None
+        # rows the store could not take before a shutdown wait here for the next start
+        self.spool: Path = delegate_home() / "pending-usage.jsonl"
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- the row -----------------------------------------------------------------------------------
+
+    def row(self, trace: RequestTrace) -> dict[str, Any]:
+        dep = self.deployments.get(trace.served_by or "")
+        chain = self.chains.get(trace.alias, [])
+        price = costs(self.settings.reference_model, dep, trace.prompt_tokens, trace.completion_tokens, trace.generation_s,
+                      delivered=trace.status == "success", usd_per_kwh=self.settings.electricity_usd_per_kwh,
+                      default_watts=self.settings.default_power_watts)
+        attempts = [{"deployment": a.deployment_id, "model": a.model, "ok": a.ok, "error_class": a.error_class}
+                    for a in trace.attempts]
+        if dep is not None and not any(a["ok"] for a in attempts):
+            attempts.append({"deployment": dep.id, "model": dep.model, "ok": trace.status == "success", "error_class": None})
+        timings = trace.backend_timings or {}
+        return {
+            "request_id": trace.request_id, "created_at": trace.started_at, "alias": trace.alias,
+            "endpoint": trace.endpoint, "stream": trace.stream, "status": trace.status,
+            "served_by": dep.id if dep else None, "model": dep.model if dep else None,
+            "backend": dep.provider if dep else None, "device": timings.get("device"),
+            "attempts": attempts, "fallbacks": chain.index(dep.group) if dep and dep.group in chain else 0,
+            "prompt_tokens": trace.prompt_tokens, "completion_tokens": trace.completion_tokens,
+            "latency_s": trace.latency_s, "ttft_s": trace.ttft_s, "decode_tps": trace.decode_tps,
+            "generation_s": trace.generation_s, "error_class": trace.error_class, "error": trace.error,
+            "key_id": trace.key_id, "reference_model": self.settings.reference_model,
+            "reference_cost": price.reference, "local_cost": price.local, "saved": price.saved,
+        }
+
+    async def record(self, trace: RequestTrace) -> None:
+        """The usage logger's sink: price the trace and queue its row."""
+        self.pending.append(self.row(trace))
+        self._wake.set()
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.spool.exists():
+            try:
+                lines = self.spool.read_text().splitlines()
+                self.pending.extend(json.loads(line) for line in lines if line.strip())
+                self.spool.unlink()
+                log.info("%d usage rows from before the last shutdown queued for writing", len(lines))
+            except (OSError, ValueError) as e:
+                log.error("cannot read the pending usage rows in %s: %s", self.spool, e)
+        self._task = asyncio.create_task(self._run())
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.pending:
+                if await self._write_some():
+                    delay = 0.5
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _write_some(self) -> bool:
+        batch = self.pending[:BATCH]
+        try:
+            await asyncio.to_thread(self.store.insert, batch)
+        except Exception as e:  # noqa: BLE001 - any failure keeps the rows for the next try
+            if self.last_error is None:
+                log.error("usage store write failed, %d rows kept for retry: %s", len(self.pending), e)
+            self.last_error = f"usage store not writable: {e}"
+            return False
+        del self.pending[:len(batch)]
+        if self.last_error is not None:
+            log.info("usage store writable again")
+        self.last_error = None
+        return True
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Write what is pending (at shutdown); give up after `timeout`, saying how many rows were left."""
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            if not await self._write_some():
+                await asyncio.sleep(0.2)
+        if self.pending:
+            try:
+                self.spool.parent.mkdir(parents=True, exist_ok=True)
+                with self.spool.open("a") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in self.pending)
+                log.error("%d usage rows could not be written (%s); kept in %s for the next start",
+                          len(self.pending), self.last_error, self.spool)
+                self.pending.clear()
+            except OSError as e:
+                log.error("%d usage rows lost: the store (%s) and %s both failed: %s",
+                          len(self.pending), self.last_error, self.spool, e)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    def problem(self) -> str | None:
+        if self.last_error:
+            return f"{self.last_error} ({len(self.pending)} rows waiting)"
+        return None
