@@ -1,0 +1,195 @@
+"""The Python API scripts already use, now answered by the proxy (`from proxy.client import delegate`).
+
+It keeps the old `scripts.local_llm` API: delegate, delegate_with_retry, quick_code, quick_analysis,
+quick_answer and LLMResponse, with the same fields. Backend and network failures come back as
+`success=False` with a readable `error`, never as an exception; programmer errors (an unknown task, an
+empty prompt) raise ValueError. It speaks to the proxy with the `openai` SDK and never imports litellm.
+Set DELEGATE_URL (default http://127.0.0.1:4000) and DELEGATE_API_KEY (default sk-local) to point it
+elsewhere. Safe to use from a thread pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+TASKS = ("coding", "quick", "analysis", "translation", "creative", "heavy", "review")
+# where delegate_with_retry goes once the proxy says a task's whole chain failed
+NEXT_TASK = {"heavy": "analysis", "analysis": "quick", "creative": "quick", "translation": "quick",
+             "review": "coding", "coding": "quick", "quick": None}
+DEFAULT_URL = "http://127.0.0.1:4000"
+DEFAULT_KEY = "sk-local"  # any key works while the proxy has no DELEGATE_MASTER_KEY
+CODE_SYSTEM = "You are a careful programmer. Answer with working code and at most a short explanation."
+
+
+@dataclass
+class LLMResponse:
+    text: str  # the generated response
+    model: str  # the model that answered, e.g. "qwen2.5-coder:7b"
+    backend: str  # where it ran: "ollama", "tinygrad", or a cloud provider
+    latency_ms: float
+    tokens: int  # output tokens
+    tokens_per_sec: float
+    success: bool
+    error: str | None = None
+    task: str | None = None
+    fallbacks: int = 0  # hops down the task's chain inside the proxy
+    request_id: str | None = None
+    status_code: int | None = None  # the proxy's HTTP status when it refused or failed
+
+    def __str__(self) -> str:
+        return self.text if self.success else f"[failed: {self.error}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def proxy_url() -> str:
+    return (os.environ.get("DELEGATE_URL") or DEFAULT_URL).rstrip("/").removesuffix("/v1")
+
+
+def api_key() -> str:
+    return os.environ.get("DELEGATE_API_KEY") or DEFAULT_KEY
+
+
+@functools.lru_cache(maxsize=8)
+def _client(url: str, key: str) -> openai.OpenAI:
+    # retries are ours (delegate_with_retry) and the proxy's; the SDK's own would hide failures
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def split_model(served: str) -> tuple[str, str]:
+    """`ollama_chat/qwen2.5-coder:7b` -> ("qwen2.5-coder:7b", "ollama")."""
+    provider, _, name = served.partition("/")
+    if not name:
+        return served, "unknown"
+    return name, {"ollama_chat": "ollama"}.get(provider, provider)
+
+
+def _check(prompt: str, task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty")
+
+
+def _error_text(e: Exception) -> tuple[str, int | None]:
+    if isinstance(e, openai.APITimeoutError):
+        return "the request timed out", None
+    if isinstance(e, openai.APIConnectionError):
+        return f"cannot reach the Delegate proxy at {proxy_url()}: start it with `make serve`", None
+    if isinstance(e, openai.APIStatusError):
+        body = e.body if isinstance(e.body, dict) else {}
+        message = body.get("message") or str(e)
+        return f"HTTP {e.status_code}: {message}", e.status_code
+    return f"{type(e).__name__}: {e}", None
+
+
+def delegate(prompt: str, task: str = "coding", system: str | None = None, max_tokens: int = 1024,
+             temperature: float = 0.2, timeout: float = 300.0) -> LLMResponse:
+    """Ask the proxy's `task` alias; failures come back as success=False with a readable error."""
+    _check(prompt, task)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    start = time.perf_counter()
+    try:
+        raw = _client(proxy_url(), api_key()).chat.completions.with_raw_response.create(
+            model=task, messages=messages, max_tokens=max_tokens, temperature=temperature,  # type: ignore[arg-type]
+            timeout=timeout)
+        reply = raw.parse()
+    except openai.OpenAIError as e:
+        text, status = _error_text(e)
+        return LLMResponse("", "", "", (time.perf_counter() - start) * 1000, 0, 0.0, False, text, task, status_code=status)
+    latency_ms = (time.perf_counter() - start) * 1000
+    model, backend = split_model(reply.model)
+    tokens = reply.usage.completion_tokens if reply.usage else 0
+    return LLMResponse(
+        text=reply.choices[0].message.content or "", model=model, backend=backend, latency_ms=latency_ms,
+        tokens=tokens, tokens_per_sec=tokens / (latency_ms / 1000) if latency_ms > 0 else 0.0, success=True,
+        task=task, fallbacks=int(raw.headers.get("x-delegate-fallbacks") or 0), request_id=raw.headers.get("x-request-id"))
+
+
+def delegate_with_retry(prompt: str, task: str = "coding", max_retries: int = 3, backoff_s: float = 1.0,
+                        **kwargs: Any) -> LLMResponse:
+    """Retry with backoff; move to the next task alias only when the proxy's own fallbacks are exhausted.
+
+    A proxy that cannot be reached, or a request that timed out, is retried as it was. An answer of
+    502/503/504 means every model in the task's chain failed, so the next attempt asks the next task
+    (coding -> quick, ...). 429 (every deployment cooling down) waits and tries again.
+    """
+    _check(prompt, task)
+    result = LLMResponse("", "", "", 0.0, 0, 0.0, False, "not attempted", task)
+    current: str | None = task
+    for attempt in range(max_retries + 1):
+        assert current is not None
+        result = delegate(prompt, task=current, **kwargs)
+        if result.success:
+            return result
+        status = result.status_code
+        if status is not None and 400 <= status < 500 and status != 429:
+            return result  # the request itself is wrong: asking again will not help
+        if status in (502, 503, 504) and NEXT_TASK.get(current):
+            current = NEXT_TASK[current]
+        if attempt < max_retries:
+            time.sleep(backoff_s * 2**attempt)
+    return result
+
+
+def quick_code(prompt: str, **kwargs: Any) -> LLMResponse:
+    return delegate(prompt, task="coding", system=CODE_SYSTEM, **kwargs)
+
+
+def quick_analysis(text: str, **kwargs: Any) -> LLMResponse:
+    return delegate(text, task="analysis", **kwargs)
+
+
+def quick_answer(question: str, **kwargs: Any) -> LLMResponse:
+    return delegate(question, task="quick", max_tokens=kwargs.pop("max_tokens", 256), **kwargs)
+
+
+def is_proxy_running(timeout: float = 1.0) -> bool:
+    try:
+        return httpx.get(proxy_url() + "/health/liveliness", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_proxy(config: str | Path | None = None, timeout: float = 900.0) -> bool:
+    """Start `delegate serve` (backend and proxy) in the background unless it runs; wait until it is ready.
+
+    Its output goes to $DELEGATE_HOME/serve.log. Returns whether the proxy answered ready in time.
+    """
+    from proxy.store import delegate_home
+
+    if not is_proxy_running():
+        url = httpx.URL(proxy_url())
+        home = delegate_home()
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "proxy.cli", "serve", "--host", url.host, "--port", str(url.port or 4000)]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        with (home / "serve.log").open("ab") as log:
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(proxy_url() + "/health/readiness", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+# the names the old scripts used for the same checks
+is_ollama_running = is_proxy_running
+start_ollama = start_proxy
