@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml
 
-.PHONY: install serve backend test check lint typecheck clean bench-proxy
+.PHONY: install serve backend test check lint typecheck clean bench-proxy review
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(BIN)/delegate serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+# git diff HEAD~1 | make review    BASE=HEAD~1 make review    make review (the working tree)
+review: $(STAMP)
+	@$(BIN)/delegate review $(if $(BASE),--base $(BASE)) $(if $(FORMAT),--format $(FORMAT)) $(if $(FAIL_ON),--fail-on $(FAIL_ON))
 
 backend: $(STAMP)
 	$(BIN)/python -m tinygrad_backend --port 8001

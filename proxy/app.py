@@ -60,6 +60,7 @@ class Proxy:
         self.started = int(time.time())
         self.chain_ids = {g: [i for grp in settings.chain(g) for i, d in self.deployments.items() if d.group == grp]
                           for g in settings.groups}
+        self.model_info = {dep_id: settings.model_list[i].get("model_info") or {} for i, dep_id in enumerate(self.deployments)}
         self.recorder = Recorder(store, self.deployments, settings.delegate, {g: settings.chain(g) for g in settings.groups})
         self.draining = False
 
@@ -233,8 +234,21 @@ class Proxy:
                 "description": self.settings.delegate.aliases.get(group),
                 "fallbacks": self.settings.chain(group)[1:],
                 "deployments": [d.model for d in self.deployments.values() if d.group == group],
+                "context_length": self.context_length(group),
             })
         return json_response({"object": "list", "data": data})
+
+    def context_length(self, group: str) -> int | None:
+        """The smallest context any deployment in the group's chain is known to take (None: none known).
+
+        Known from model_info.max_input_tokens in config.yaml, or from what a tinygrad backend reports."""
+        known = []
+        for dep_id in self.chain_ids.get(group, []):
+            info = self.model_info.get(dep_id, {})
+            value = info.get("max_input_tokens") or self.health.probes[dep_id].context_length
+            if value:
+                known.append(int(value))
+        return min(known) if known else None
 
     async def liveliness(self, request: Request) -> Response:
         return json_response({"status": "alive"})

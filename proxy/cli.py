@@ -10,7 +10,7 @@ from pathlib import Path
 def _serve(args: argparse.Namespace) -> int:
     from proxy.serve import serve
 
-    return serve(Path(args.config), args.host, args.port, with_backend=not args.no_backend)
+    return serve(Path(args.config), args.host, args.port, with_backend=not args.no_backend, json_logs=args.json)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -48,15 +48,73 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _ask(args: argparse.Namespace) -> int:
+    from proxy import console
+
+    return console.ask(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from proxy import console
+
+    return console.models(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from proxy import console
+
+    return console.status(args)
+
+
+def _review(args: argparse.Namespace) -> int:
+    from proxy import review_cli
+
+    if args.json:
+        args.format = "json"
+    return review_cli.run(args)
+
+
+TASKS = ("coding", "quick", "analysis", "translation", "creative", "heavy", "review")  # proxy.client.TASKS, unimported
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="delegate", description="Hand routine LLM work to local models.")
+    parser = argparse.ArgumentParser(prog="delegate", description="Hand routine LLM work to local models.",
+                                     epilog="The proxy's address and key: DELEGATE_URL, DELEGATE_API_KEY.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("ask", help="ask a task alias; the answer streams to stdout")
+    p.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads stdin (stdin is also appended when piped)")
+    p.add_argument("--task", "-t", default="coding", choices=TASKS, help="task alias (default coding)")
+    p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--json", action="store_true", help="print the whole response as JSON (no streaming)")
+    p.set_defaults(func=_ask)
+
+    p = sub.add_parser("models", help="the task aliases and models the proxy serves")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("status", help="the proxy, its backends and the usage store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("review", help="review a diff: piped on stdin, --base REF, or the working tree")
+    p.add_argument("--base", help="review `git diff BASE` (e.g. HEAD~1)")
+    p.add_argument("--working-tree", action="store_true", help="review the working tree even when stdin is piped")
+    p.add_argument("--format", choices=["markdown", "json", "sarif"], default="markdown")
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("--fail-on", choices=["high", "medium", "low"], help="exit 1 when a finding is this severe or worse")
+    p.add_argument("--task", default="review", choices=TASKS, help="task alias to ask (default review)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply per piece of the diff (default 512)")
+    p.set_defaults(func=_review)
 
     p = sub.add_parser("serve", help="start the local backend and the OpenAI-compatible proxy")
     p.add_argument("--config", default="config.yaml", help="router config (default: config.yaml)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=4000, help="port (default 4000)")
     p.add_argument("--no-backend", action="store_true", help="do not start the tinygrad backend")
+    p.add_argument("--json", action="store_true", help="log as JSON lines, for log collectors")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("report", help="what delegation saved: calls, tokens, latency, costs")

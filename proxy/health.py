@@ -27,6 +27,7 @@ class Probe:
     status: str  # ready | loading | unreachable | error | not_probed
     detail: str | None = None
     checked_at: float | None = None
+    context_length: int | None = None  # what a tinygrad backend reports
 
 
 def _probe_url(d: Deployment) -> str | None:
@@ -87,10 +88,20 @@ class HealthMonitor:
         except httpx.HTTPError as e:
             return Probe(False, "unreachable", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, now)
         if r.status_code == 503 and url.endswith("/health"):
-            return Probe(True, "loading", "the backend is loading its model", now)
+            try:
+                context = int(r.json().get("context_length") or 0) or None
+            except (ValueError, AttributeError):
+                context = None
+            return Probe(True, "loading", "the backend is loading its model", now, context)
         if r.status_code >= 400:
             return Probe(True, "error", f"HTTP {r.status_code}", now)
-        return Probe(True, "ready", None, now)
+        context = None
+        if url.endswith("/health"):
+            try:
+                context = int(r.json().get("context_length") or 0) or None
+            except (ValueError, AttributeError):
+                context = None
+        return Probe(True, "ready", None, now, context)
 
     def any_ready(self) -> bool:
         return any(p.status in ("ready", "not_probed") for p in self.probes.values())

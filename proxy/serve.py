@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,14 @@ EXIT_BAD_START = 2
 
 class StartError(Exception):
     """The proxy cannot start as asked; the message says why."""
+
+
+class _Stopped(Exception):
+    """SIGTERM, after uvicorn's graceful shutdown."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
 
 
 def is_loopback(host: str) -> bool:
@@ -114,8 +123,16 @@ def load_settings(config: Path) -> Settings:
     return settings
 
 
-def serve(config: Path, host: str, port: int, with_backend: bool = True) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+class _JSONLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
+                           "message": record.getMessage()})
+
+
+def serve(config: Path, host: str, port: int, with_backend: bool = True, json_logs: bool = False) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONLines() if json_logs else logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     master_key = os.environ.get("DELEGATE_MASTER_KEY") or None
     try:
         if not is_loopback(host) and not master_key:
@@ -137,7 +154,10 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True) -> int:
         server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning",
                                                access_log=False, timeout_graceful_shutdown=30))
         log.info("delegate proxy on http://%s:%d/v1 (aliases: %s)", host, port, ", ".join(settings.aliases))
-        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        # uvicorn drains on SIGINT/SIGTERM, then raises the signal again with the handler it found: make that
+        # handler raise, so the default action does not kill us before the backend is stopped below
+        signal.signal(signal.SIGTERM, _stop)
+        with contextlib.suppress(KeyboardInterrupt, _Stopped):
             server.run(sockets=[sock])
     finally:
         stop_backend(proc)

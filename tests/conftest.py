@@ -40,6 +40,34 @@ def bundled_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def shipped_config(path: Path, backend_url: str, backend: dict[str, Any] | None = None) -> Path:
+    """The shipped config.yaml with Ollama on a port where nothing listens (a machine that runs Ollama answers
+    the same) and the tinygrad deployments pointed at `backend_url`."""
+    from tests.servers import refused_port
+
+    text = (ROOT / "config.yaml").read_text()
+    text = text.replace("http://127.0.0.1:11434", f"http://127.0.0.1:{refused_port()}")
+    text = text.replace("http://127.0.0.1:8001", backend_url)
+    raw = yaml.safe_load(text)
+    raw["delegate"]["backend"] = backend
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_proxy(bundled_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real proxy with the shipped config in front of the shared bundled backend."""
+    from proxy import settings
+    from proxy.app import create_app
+    from proxy.store import UsageStore
+
+    tmp = tmp_path_factory.mktemp("real-proxy")
+    app = create_app(settings.load(shipped_config(tmp / "config.yaml", bundled_backend)), None,
+                     UsageStore.open(f"sqlite:///{tmp / 'usage.db'}"))
+    with ServerThread(app) as server:
+        yield server.url
+
+
 def write_config(path: Path, deployments: list[tuple[Any, ...]], fallbacks: dict[str, list[str]] | None = None,
                  aliases: list[str] | None = None, router: dict[str, Any] | None = None,
                  delegate: dict[str, Any] | None = None, context_fallbacks: dict[str, list[str]] | None = None) -> Path:

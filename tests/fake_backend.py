@@ -21,8 +21,9 @@ from starlette.routing import Route
 
 
 class FakeBackend:
-    def __init__(self, name: str, context: int = 100_000, mode: str = "ok") -> None:
+    def __init__(self, name: str, context: int = 100_000, mode: str = "ok", reply: str | None = None) -> None:
         self.name, self.context, self.mode = name, context, mode
+        self.reply = reply  # a fixed answer instead of "answer from <name>"
         self.requests: list[dict[str, Any]] = []
         self.cancelled = 0
         self.app = Starlette(routes=[
@@ -58,6 +59,8 @@ class FakeBackend:
                            f"resulted in {tokens} tokens. Please reduce the length of the messages.",
                 "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status_code=400)
         words = ["answer", " from", f" {self.name}"] if self.mode != "slow" else [f" w{i}" for i in range(50)]
+        if self.reply is not None:
+            words = [self.reply]
         usage = {"prompt_tokens": tokens, "completion_tokens": len(words), "total_tokens": tokens + len(words)}
         base = {"id": f"chatcmpl-{self.name}", "created": int(time.time()), "model": self.name}
         if not body.get("stream"):

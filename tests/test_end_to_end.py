@@ -2,7 +2,7 @@
 
 The shipped config.yaml's `quick` chain (llama3.2:3b on Ollama, then the tinygrad backend) runs
 unchanged, except that Ollama's address is a port where nothing listens (so a machine that does run
-Ollama gives the same answer) and the backend is the session's shared one.
+Ollama gives the same answer) and the backend is the session's shared one (conftest.real_proxy).
 """
 
 from __future__ import annotations
@@ -15,26 +15,14 @@ from pathlib import Path
 
 import httpx
 import openai
-import yaml
 
-from tests.servers import ROOT, free_port, refused_port, wait_http
+from tests.conftest import shipped_config
+from tests.servers import ROOT, free_port, wait_http
 from tests.tinygrad_backend.tiny_gguf import write_tiny
 
 
-def _config(tmp_path: Path, backend_url: str, backend: dict | None = None) -> Path:
-    text = (ROOT / "config.yaml").read_text()
-    text = text.replace("http://127.0.0.1:11434", f"http://127.0.0.1:{refused_port()}")
-    text = text.replace("http://127.0.0.1:8001", backend_url)
-    raw = yaml.safe_load(text)
-    raw["delegate"]["backend"] = backend
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def test_quick_answers_paris_through_proxy_and_backend(tmp_path: Path, bundled_backend: str, start_proxy) -> None:  # type: ignore[no-untyped-def]
-    proxy = start_proxy(_config(tmp_path, bundled_backend))
-    c = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-local", max_retries=0)
+def test_quick_answers_paris_through_proxy_and_backend(real_proxy: str) -> None:
+    c = openai.OpenAI(base_url=real_proxy + "/v1", api_key="sk-local", max_retries=0)
     raw = c.chat.completions.with_raw_response.create(
         model="quick", temperature=0, max_tokens=10,
         messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}])
@@ -47,8 +35,8 @@ def test_quick_answers_paris_through_proxy_and_backend(tmp_path: Path, bundled_b
 def test_delegate_serve_starts_backend_then_proxy_and_stops_both(tmp_path: Path) -> None:
     model = write_tiny(tmp_path / "smollm2.gguf", "llama", context=128)  # served as `smollm2`, as config.yaml asks
     backend_port, proxy_port = free_port(), free_port()
-    config = _config(tmp_path, f"http://127.0.0.1:{backend_port}",
-                     {"model": str(model), "port": backend_port, "max_context": 64})
+    config = shipped_config(tmp_path / "config.yaml", f"http://127.0.0.1:{backend_port}",
+                            {"model": str(model), "port": backend_port, "max_context": 64})
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(proxy_port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -1,0 +1,192 @@
+"""`delegate ask`, `delegate models` and `delegate status`: the proxy's answers, sized for a terminal.
+
+Tokens stream as they come, a spinner runs on stderr while the first one is awaited, lists are tables;
+`--json` gives scripts the same facts. Errors are one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import stat
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from proxy.client import TASKS, api_key, proxy_url, split_model
+
+EXIT_FAILED, EXIT_UNREACHABLE = 1, 2
+
+
+def fail(message: str, status: int = EXIT_FAILED) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def unreachable() -> int:
+    return fail(f"cannot reach the Delegate proxy at {proxy_url()}: start it with `make serve`", EXIT_UNREACHABLE)
+
+
+def stdin_is_piped() -> bool:
+    """A pipe or a redirected file; not a terminal, not /dev/null (as under cron or CI)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt argument, stdin, or both (`git diff | delegate ask "explain this"`)."""
+    piped = ""
+    if stdin_is_piped():
+        # with a prompt given, read stdin only if something is there: an idle inherited pipe must not hang us
+        if args.prompt in (None, "-") or select.select([sys.stdin], [], [], 0.05)[0]:
+            piped = sys.stdin.read()
+    if args.prompt in (None, "-"):
+        return piped
+    return f"{args.prompt}\n\n{piped}" if piped.strip() else args.prompt
+
+
+def _get(path: str) -> Any:
+    r = httpx.get(proxy_url() + path, headers={"authorization": f"Bearer {api_key()}"}, timeout=10)
+    if r.status_code == 401:
+        raise PermissionError("the proxy wants a key: set DELEGATE_API_KEY")
+    return r
+
+
+def ask(args: argparse.Namespace) -> int:
+    from proxy import client
+
+    prompt = read_prompt(args)
+    if not prompt.strip():
+        return fail("nothing to ask: give a prompt, or pipe one on stdin")
+    if args.task not in TASKS:
+        return fail(f"unknown task {args.task!r}; expected one of {', '.join(TASKS)}")
+    if args.json:
+        result = client.delegate(prompt, task=args.task, system=args.system, max_tokens=args.max_tokens,
+                                 temperature=args.temperature)
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0 if result.success else EXIT_FAILED
+    return _stream(prompt, args)
+
+
+def _stream(prompt: str, args: argparse.Namespace) -> int:
+    import openai
+    from rich.console import Console
+
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+    err = Console(stderr=True)
+    c = openai.OpenAI(base_url=proxy_url() + "/v1", api_key=api_key(), max_retries=0)
+    start = time.perf_counter()
+    status = err.status(f"asking {args.task}…") if err.is_terminal else None
+    if status:
+        status.start()
+    tokens, served = 0, ""
+    try:
+        stream = c.chat.completions.create(  # type: ignore[call-overload]
+            model=args.task, messages=messages, max_tokens=args.max_tokens, temperature=args.temperature, stream=True,
+            stream_options={"include_usage": True})
+        for chunk in stream:
+            served = chunk.model or served
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                if status:
+                    status.stop()
+                    status = None
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    except openai.APIConnectionError:
+        return unreachable()
+    except openai.APIStatusError as e:
+        body = e.body if isinstance(e.body, dict) else {}
+        return fail(f"HTTP {e.status_code}: {body.get('message') or e}")
+    except openai.APIError as e:
+        sys.stdout.write("\n")
+        return fail(f"the answer broke off: {e}")
+    finally:
+        if status:
+            status.stop()
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - start
+    model, backend = split_model(served)
+    if err.is_terminal:
+        err.print(f"[dim]{model} on {backend} · {tokens} tokens · {elapsed:.1f}s[/dim]")
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    try:
+        r = _get("/v1/models")
+    except httpx.HTTPError:
+        return unreachable()
+    except PermissionError as e:
+        return fail(str(e))
+    data = r.json()["data"]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Task aliases and models")
+    for name in ("name", "kind", "used for", "chain", "context"):
+        table.add_column(name)
+    for m in data:
+        chain = " → ".join([*m["deployments"], *m["fallbacks"]])
+        table.add_row(m["id"], m["kind"], m.get("description") or "", chain, str(m.get("context_length") or "?"))
+    Console().print(table)
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    facts: dict[str, Any] = {"proxy": proxy_url()}
+    try:
+        facts["alive"] = httpx.get(proxy_url() + "/health/liveliness", timeout=3).status_code == 200
+        ready = httpx.get(proxy_url() + "/health/readiness", timeout=10)
+        facts["ready"], facts["problems"] = ready.status_code == 200, ready.json().get("problems", [])
+        health = _get("/health")
+        facts["deployments"] = health.json()["deployments"] if health.status_code == 200 else []
+    except httpx.HTTPError:
+        facts.update(alive=False, ready=False, problems=["the proxy is not running"], deployments=[])
+    except PermissionError as e:
+        return fail(str(e))
+    facts["store"] = _store_facts()
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0 if facts["ready"] else EXIT_FAILED
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    state = "[green]ready[/green]" if facts["ready"] else ("[yellow]not ready[/yellow]" if facts["alive"] else "[red]down[/red]")
+    out.print(f"proxy {facts['proxy']}: {state}")
+    for problem in facts["problems"]:
+        out.print(f"  - {problem}")
+    if facts["deployments"]:
+        table = Table(title="Backends")
+        for name in ("model name", "deployment", "address", "status", "cooling down"):
+            table.add_column(name)
+        for d in facts["deployments"]:
+            cooling = f"{d['cooldown_remaining_s']:.0f}s" if d["cooldown_remaining_s"] else ""
+            table.add_row(d["model_name"], d["model"], d["api_base"] or "", d["status"], cooling)
+        out.print(table)
+    store = facts["store"]
+    out.print(f"usage store {store['url']}: " + (f"{store['rows']:,} rows" if "rows" in store else store["error"]))
+    return 0 if facts["ready"] else EXIT_FAILED
+
+
+def _store_facts() -> dict[str, Any]:
+    from proxy.store import StoreError, UsageStore
+
+    try:
+        store = UsageStore.open()
+        return {"url": store.db.url, "rows": store.count()}
+    except StoreError as e:
+        return {"url": "?", "error": str(e)}
