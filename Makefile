@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# clang: tinygrad's CPU device compiles with it; chromium: the savings page is tested in a real browser
-SYSTEM_PACKAGES := clang chromium
+# clang: tinygrad's CPU device compiles with it; chromium: the savings page is tested in a real browser;
+# postgresql: the usage store's Postgres mode is tested against a real server the tests start
+SYSTEM_PACKAGES := clang chromium postgresql
 HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml

@@ -40,6 +40,38 @@ def bundled_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server from Debian's package, started on a free loopback port for the session."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins:
+        pytest.fail("PostgreSQL is not installed: `make test` installs it (apt-get install postgresql)")
+    bindir = bins[-1]
+    root = Path(tempfile.mkdtemp(prefix="delegate-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(root, "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=120)
+
+    run(str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "delegate")
+    run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "delegate", "usage")
+        yield f"postgresql://delegate@127.0.0.1:{port}/usage"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def shipped_config(path: Path, backend_url: str, backend: dict[str, Any] | None = None) -> Path:
     """The shipped config.yaml with Ollama on a port where nothing listens (a machine that runs Ollama answers
     the same) and the tinygrad deployments pointed at `backend_url`."""

@@ -214,3 +214,18 @@ def test_readiness_fails_when_nothing_is_reachable(tmp_path: Path, start_proxy) 
     proxy = start_proxy(write_config(tmp_path / "c.yaml", [("quick", "openai/a", dead)], aliases=["quick"]))
     r = httpx.get(proxy.url + "/health/readiness")
     assert r.status_code == 503 and "no deployment is reachable" in r.json()["problems"]
+
+
+def test_tinygrad_stream_failing_before_first_token_falls_back(tmp_path: Path, fake_backend, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    """LiteLLM falls back when a custom provider's stream fails before its first chunk; check it does."""
+    _, ok_url = fake_backend("ok")
+    dead = f"http://127.0.0.1:{refused_port()}"
+    config = write_config(tmp_path / "c.yaml", [("heavy", "tinygrad/smollm2", dead), ("smollm2", "tinygrad/ok",
+                                                                                     ok_url.removesuffix("/v1"))],
+                          fallbacks={"heavy": ["smollm2"]}, aliases=["heavy"])
+    proxy = start_proxy(config)
+    with client(proxy.url).chat.completions.with_streaming_response.create(model="heavy", messages=MSG, stream=True) as raw:
+        assert raw.headers["x-delegate-served-by"] == "tinygrad/ok"
+        assert raw.headers["x-delegate-fallbacks"] == "1"
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == "answer from ok"
