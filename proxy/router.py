@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from proxy.settings import ConfigError, Settings, check_against_litellm, import_object
 
@@ -95,6 +94,3 @@ def active_cooldowns(router: litellm.Router, ids: list[str]) -> dict[str, float]
             left[model_id] = remaining
     return left
 
-
-def response_headers_source(obj: Any) -> dict[str, Any]:
-    return getattr(obj, "_hidden_params", None) or {}
