@@ -23,11 +23,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy import validation
-from proxy.auth import Auth
+from proxy.auth import Auth, Caller
 from proxy.errors import ProxyError, from_backend
 from proxy.health import HealthMonitor
+from proxy.keys import KeyStore, RateLimiter
+from proxy.pricing import token_cost
 from proxy.recorder import Recorder
-from proxy.responses import json_response, sse
+from proxy.responses import dumps, json_response, sse
 from proxy.router import Deployment, active_cooldowns, build_router
 from proxy.settings import Settings
 from proxy.spend import SpendAPI
@@ -37,6 +39,8 @@ from proxy.usage import RequestTrace, UsageLogger, usage_logger
 
 log = logging.getLogger("delegate")
 DONE = b"data: [DONE]\n\n"
+BUDGET_DEFAULT_MAX_TOKENS = 4096  # a budgeted request that names no max_tokens is capped at this
+PROMPT_TEMPLATE_BYTES = 256  # what a chat template adds around the messages, at most, in the worst case
 
 
 def _connection_failure(exc: BaseException | None) -> bool:
@@ -53,7 +57,9 @@ class Proxy:
         self.settings = settings
         self.router, self.deployments = build_router(settings)
         self.store = store
-        self.auth = Auth(master_key)
+        self.keys = KeyStore(store)
+        self.auth = Auth(master_key, self.keys)
+        self.rates = RateLimiter()
         self.usage = usage
         self.health = HealthMonitor(self.deployments)
         self.known = set(settings.groups)
@@ -61,13 +67,14 @@ class Proxy:
         self.chain_ids = {g: [i for grp in settings.chain(g) for i, d in self.deployments.items() if d.group == grp]
                           for g in settings.groups}
         self.model_info = {dep_id: settings.model_list[i].get("model_info") or {} for i, dep_id in enumerate(self.deployments)}
-        self.recorder = Recorder(store, self.deployments, settings.delegate, {g: settings.chain(g) for g in settings.groups})
+        self.recorder = Recorder(store, self.deployments, settings.delegate, {g: settings.chain(g) for g in settings.groups},
+                                 self.keys)
         self.draining = False
 
     # --- one request -------------------------------------------------------------------------------
 
-    async def _read(self, request: Request) -> tuple[str | None, dict[str, Any]]:
-        key = self.auth.check(request.headers.get("authorization"))
+    async def _read(self, request: Request) -> tuple[Caller, dict[str, Any]]:
+        caller = self.auth.check(request.headers.get("authorization"))
         limit = self.settings.delegate.max_request_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -79,7 +86,7 @@ class Proxy:
             if size > limit:
                 raise ProxyError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
             chunks.append(chunk)
-        return key, validation.parse_json(b"".join(chunks))
+        return caller, validation.parse_json(b"".join(chunks))
 
     def _served(self, hidden: dict[str, Any], alias: str) -> tuple[Deployment | None, int]:
         dep = self.deployments.get(str(hidden.get("model_id")))
@@ -118,26 +125,61 @@ class Proxy:
             kwargs["stream_options"] = {"include_usage": True}  # real token counts, always
         return kwargs
 
+    def _admit(self, caller: Caller, alias: str, body: dict[str, Any], prompt: Any) -> float | None:
+        """An issued key's limits: its aliases, its request rate, and a reservation on its budget."""
+        issued = caller.issued
+        if issued is None:
+            return None
+        if issued.aliases is not None and alias not in issued.aliases:
+            raise ProxyError(403, f"this key may not use '{alias}'; it may use: {', '.join(issued.aliases) or 'nothing'}",
+                             type_="permission_error", code="alias_not_allowed", param="model")
+        if issued.rpm is not None and (wait := self.rates.allow(issued.key_id, issued.rpm)) is not None:
+            raise ProxyError(429, f"this key's limit of {issued.rpm} requests a minute is reached", type_="rate_limit_error",
+                             code="rate_limited", retry_after=wait)
+        if issued.budget_usd is None:
+            return None
+        # the worst case: every byte of the prompt a token, every allowed completion token used
+        completion = body.get("max_completion_tokens") or body.get("max_tokens")
+        if completion is None:
+            completion = body["max_tokens"] = BUDGET_DEFAULT_MAX_TOKENS
+        prompt_bytes = len(dumps(prompt)) + PROMPT_TEMPLATE_BYTES
+        amount = token_cost(self.settings.delegate.reference_model, prompt_bytes, int(completion))
+        try:
+            reserved = self.keys.reserve(issued.key_id, amount)
+        except Exception as e:
+            raise ProxyError(503, f"the key's budget cannot be checked now: {e}", type_="service_unavailable",
+                             code="budget_unavailable", retry_after=5) from e
+        if not reserved:
+            current = self.keys.get(issued.key_id) or issued
+            raise ProxyError(429, f"this key's budget of ${issued.budget_usd:.2f} would be exceeded (spent "
+                                  f"${current.spent_usd:.4f}, held ${current.reserved_usd:.4f}, this request up to "
+                                  f"${amount:.4f})", type_="insufficient_quota", code="insufficient_quota")
+        return amount
+
     async def chat_completions(self, request: Request) -> Response:
-        key, body = await self._read(request)
+        caller, body = await self._read(request)
         validation.check_keys(body)
         alias = validation.check_model(body, self.known, self.settings.aliases)
         validation.check_messages(body)
         validation.check_common(body)
         validation.check_tools(body)
-        trace = self.usage.begin(alias, "chat", bool(body.get("stream")), key, self.recorder.record)
+        reserved = self._admit(caller, alias, body, body["messages"])
+        trace = self.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, self.recorder.record)
+        trace.reserved = reserved
         trace.prompt = body["messages"]
         kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await self._complete(trace, kwargs, include_usage, self.router.acompletion, _chat_dict, _chat_chunk)
 
     async def completions(self, request: Request) -> Response:
-        key, body = await self._read(request)
+        caller, body = await self._read(request)
         validation.check_keys(body)
         alias = validation.check_model(body, self.known, self.settings.aliases)
         validation.check_prompt(body)
         validation.check_common(body)
-        trace = self.usage.begin(alias, "text", bool(body.get("stream")), key, self.recorder.record)
+        reserved = self._admit(caller, alias, body, body["prompt"])
+        trace = self.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, self.recorder.record)
+        trace.reserved = reserved
         prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
         trace.prompt = prompt
         kwargs = {**self._kwargs(trace, body), "prompt": prompt}
@@ -391,7 +433,7 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
     proxy = Proxy(settings, master_key, store or UsageStore.open())
 
     def check_key(request: Request) -> None:
-        proxy.auth.check(request.headers.get("authorization"))
+        proxy.auth.check_admin(request.headers.get("authorization"))
 
     spend = SpendAPI(proxy.store, check_key)
     savings = SavingsPage(proxy.store, settings.delegate.reference_model, check_key)

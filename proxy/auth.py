@@ -1,20 +1,28 @@
 """Who is asking: the Bearer key on each request, checked before anything else is read.
 
-With `DELEGATE_MASTER_KEY` set, every request needs it; without, the proxy is open (it then only binds
-loopback). Keys are compared in constant time and never logged; rows and reports carry a short hash.
+Three kinds of caller: the master key (`DELEGATE_MASTER_KEY`), an issued key (proxy/keys.py: limited to
+some aliases, a budget and a rate), or nobody, which is allowed only while the proxy is open (no master
+key and no active issued key; it then binds loopback only). Keys are compared in constant time or by
+hash, and never logged; rows and reports carry a short hash (key_id).
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import time
+from dataclasses import dataclass
 
-from proxy.errors import unauthorized
+from proxy.errors import ProxyError, unauthorized
+from proxy.keys import IssuedKey, KeyStore, key_id
+
+OPEN_CHECK_S = 1.0  # how long "no issued key exists" is trusted before asking the store again
 
 
-def key_id(key: str) -> str:
-    """A stable, non-reversible name for a key, for usage rows and reports."""
-    return "key_" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+@dataclass(frozen=True)
+class Caller:
+    key_id: str | None
+    issued: IssuedKey | None = None
+    master: bool = False
 
 
 def bearer(header: str | None) -> str | None:
@@ -27,22 +35,44 @@ def bearer(header: str | None) -> str | None:
 
 
 class Auth:
-    def __init__(self, master_key: str | None) -> None:
+    def __init__(self, master_key: str | None, keys: KeyStore | None = None) -> None:
         self._master = master_key.encode("utf-8") if master_key else None
+        self.keys = keys
+        self._open_until = 0.0
 
-    @property
-    def required(self) -> bool:
-        return self._master is not None
+    def _open(self) -> bool:
+        if self._master is not None:
+            return False
+        if self.keys is None or time.monotonic() < self._open_until:
+            return True
+        if self.keys.any_active():
+            return False
+        self._open_until = time.monotonic() + OPEN_CHECK_S
+        return True
 
-    def check(self, authorization: str | None) -> str | None:
-        """The caller's key id, or None when the proxy is open and no key was sent; 401 otherwise."""
+    def check(self, authorization: str | None) -> Caller:
+        """The caller behind this Authorization header; 401 for a wrong, revoked, expired or missing key."""
         token = bearer(authorization)
-        if self._master is None:
-            return key_id(token) if token else None
+        if token is not None:
+            # latin-1 is how the HTTP layer decoded the header: get the client's bytes back for the comparison
+            if self._master is not None and hmac.compare_digest(token.encode("latin-1", "replace"), self._master):
+                return Caller(key_id(token), master=True)
+            issued = self.keys.find(token) if self.keys is not None else None
+            if issued is not None:
+                if issued.revoked_at is not None:
+                    raise unauthorized("this API key has been revoked")
+                if not issued.active(time.time()):
+                    raise unauthorized("this API key has expired")
+                return Caller(issued.key_id, issued)
+        if self._open():
+            return Caller(key_id(token) if token else None)
         if token is None:
             raise unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        # latin-1 is how the HTTP layer decoded the header: get the client's bytes back for the comparison
-        raw = token.encode("latin-1", "replace")
-        if not hmac.compare_digest(raw, self._master):
-            raise unauthorized("invalid API key")
-        return key_id(token)
+        raise unauthorized("invalid API key")
+
+    def check_admin(self, authorization: str | None) -> Caller:
+        """Spend logs, reports and the savings page: the master key, when one is set."""
+        caller = self.check(authorization)
+        if self._master is not None and not caller.master:
+            raise ProxyError(403, "this needs the master key", type_="permission_error", code="forbidden")
+        return caller

@@ -43,6 +43,67 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from proxy.keys import KeyStore
+    from proxy.store import StoreError, UsageStore
+
+    try:
+        keys = KeyStore(UsageStore.open())
+    except StoreError as e:
+        return _fail(str(e))
+    if args.action == "create":
+        aliases = [a.strip() for a in args.aliases.split(",") if a.strip()] if args.aliases else None
+        if aliases is not None and (unknown := _unknown_aliases(aliases, args.config)):
+            return _fail(f"unknown alias {', '.join(unknown)} (config {args.config})")
+        if args.budget is not None and args.budget < 0 or args.rpm is not None and args.rpm < 1:
+            return _fail("--budget must be at least 0 and --rpm at least 1")
+        expires = time.time() + args.expires_days * 86400 if args.expires_days else None
+        key, issued = keys.create(args.name, aliases, args.budget, args.rpm, expires)
+        if args.json:
+            print(json.dumps({"key": key, **issued.as_dict()}, indent=2))
+        else:
+            print(key)
+            print(f"({issued.key_id}: shown once; the store keeps only its hash)", file=sys.stderr)
+        return 0
+    if args.action == "revoke":
+        if not args.key_id:
+            return _fail("which key? delegate keys revoke KEY_ID (see delegate keys list)")
+        if not keys.revoke(args.key_id):
+            return _fail(f"no active key {args.key_id}")
+        print(f"revoked {args.key_id}")
+        return 0
+    listed = [k.as_dict() for k in keys.all()]
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Issued keys")
+    for name in ("key id", "name", "aliases", "budget", "spent", "rpm", "state"):
+        table.add_column(name)
+    for k in listed:
+        state = "revoked" if k["revoked_at"] else ("active" if k["active"] else "expired")
+        table.add_row(k["key_id"], k["name"] or "", ",".join(k["aliases"]) if k["aliases"] else "all",
+                      f"${k['budget_usd']:.2f}" if k["budget_usd"] is not None else "-", f"${k['spent_usd']:.4f}",
+                      str(k["rpm"] or "-"), state)
+    Console().print(table)
+    return 0
+
+
+def _unknown_aliases(aliases: list[str], config: str) -> list[str]:
+    from proxy import settings
+
+    path = Path(config)
+    if not path.exists():
+        return []
+    known = set(settings.load(path).groups)
+    return [a for a in aliases if a not in known]
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -116,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-backend", action="store_true", help="do not start the tinygrad backend")
     p.add_argument("--json", action="store_true", help="log as JSON lines, for log collectors")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("keys", help="issue, list and revoke API keys (limited to aliases, a budget and a rate)")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="the key to revoke")
+    p.add_argument("--name")
+    p.add_argument("--aliases", help="comma-separated task aliases the key may use (default all)")
+    p.add_argument("--budget", type=float, help="budget in reference-model dollars")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--expires-days", type=float)
+    p.add_argument("--config", default="config.yaml", help="checked for the aliases (default config.yaml)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_keys)
 
     p = sub.add_parser("report", help="what delegation saved: calls, tokens, latency, costs")
     when = p.add_mutually_exclusive_group()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proxy.keys import KeyStore
 from proxy.pricing import costs
 from proxy.router import Deployment
 from proxy.settings import DelegateSettings
@@ -29,8 +30,8 @@ RETRY_MAX_S = 30.0
 
 class Recorder:
     def __init__(self, store: UsageStore, deployments: dict[str, Deployment], settings: DelegateSettings,
-                 chains: dict[str, list[str]]) -> None:
-        self.store, self.deployments, self.settings, self.chains = store, deployments, settings, chains
+                 chains: dict[str, list[str]], keys: KeyStore) -> None:
+        self.store, self.deployments, self.settings, self.chains, self.keys = store, deployments, settings, chains, keys
         self.pending: list[dict[str, Any]] = []
         self.last_error: str | None = None
         # rows the store could not take before a shutdown wait here for the next start
@@ -65,9 +66,15 @@ class Recorder:
         }
 
     async def record(self, trace: RequestTrace) -> None:
-        """The usage logger's sink: price the trace and queue its row."""
-        self.pending.append(self.row(trace))
+        """The usage logger's sink: price the trace, settle an issued key's budget, and queue the row."""
+        row = self.row(trace)
+        self.pending.append(row)
         self._wake.set()
+        if trace.reserved is not None and trace.key_id is not None:
+            try:
+                await asyncio.to_thread(self.keys.settle, trace.key_id, trace.reserved, row["reference_cost"])
+            except Exception as e:  # noqa: BLE001 - the reservation stays held: the budget errs on the safe side
+                log.error("could not settle the budget of %s: %s", trace.key_id, e)
 
     # --- writing -----------------------------------------------------------------------------------
 

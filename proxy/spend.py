@@ -15,8 +15,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.auth import key_id
 from proxy.errors import bad_request
+from proxy.keys import key_id
 from proxy.responses import json_response
 from proxy.store import UsageStore
 

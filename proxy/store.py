@@ -70,7 +70,25 @@ def m001_usage(db: Database) -> None:
     db.execute("CREATE INDEX usage_key_id ON usage (key_id)")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [m001_usage]
+def m002_keys(db: Database) -> None:
+    real = db.real
+    db.execute(f"""
+        CREATE TABLE keys (
+            key_id TEXT PRIMARY KEY,
+            key_hash TEXT NOT NULL UNIQUE,
+            name TEXT,
+            aliases TEXT,
+            budget_usd {real},
+            spent_usd {real} NOT NULL DEFAULT 0,
+            reserved_usd {real} NOT NULL DEFAULT 0,
+            rpm INTEGER,
+            created_at {real} NOT NULL,
+            expires_at {real},
+            revoked_at {real}
+        )""")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys]
 
 
 # --- the two databases -----------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class RequestTrace:
     status: str = "pending"  # success | error | partial
     error_class: str | None = None
     error: str | None = None
+    reserved: float | None = None  # budget held for an issued key until the real cost is known
     prompt: Any = field(default=None, repr=False)  # the messages or prompt, to estimate tokens if usage never comes
     litellm_cost: float | None = None  # LiteLLM's own price for the deployment that served (cloud)
     sink: Sink | None = field(default=None, repr=False)  # where the finished trace goes (the proxy's recorder)

@@ -145,3 +145,22 @@ def test_review_with_the_real_model_never_crashes(repo: Path, real_proxy: str) -
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("# Code review")
     assert "findings" in r.stdout
+
+
+def test_keys_create_list_revoke(delegate_home: Path) -> None:
+    env_home = {"DELEGATE_HOME": str(delegate_home)}
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "proxy.cli", "keys", *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, **env_home}, timeout=60)
+
+    created = json.loads(keys("create", "--aliases", "coding,quick", "--budget", "5.00", "--rpm", "60", "--json").stdout)
+    assert created["key"].startswith("sk-dlg-") and created["aliases"] == ["coding", "quick"]
+    assert (created["budget_usd"], created["rpm"], created["active"]) == (5.0, 60, True)
+    assert [k["key_id"] for k in json.loads(keys("list", "--json").stdout)] == [created["key_id"]]
+    assert keys("revoke", created["key_id"]).returncode == 0
+    assert json.loads(keys("list", "--json").stdout)[0]["active"] is False
+    again = keys("revoke", created["key_id"])
+    assert again.returncode == 1 and again.stderr.startswith("error:")
+    bad = keys("create", "--aliases", "coding,poetry")
+    assert bad.returncode == 1 and "unknown alias poetry" in bad.stderr
