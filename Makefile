@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml
 
-.PHONY: install serve backend test check lint typecheck clean bench-proxy review
+.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability review
 
 install: $(STAMP)
 
@@ -64,6 +64,9 @@ $(LITELLM_PROXY_ENV)/.installed:
 
 bench-proxy: $(STAMP) $(LITELLM_PROXY_ENV)/.installed
 	$(BIN)/python bench/bench_proxy.py --requests 2000
+
+bench-reliability: $(STAMP)
+	$(BIN)/python bench/bench_reliability.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

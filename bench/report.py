@@ -9,7 +9,7 @@ HEADER = "# Benchmarks\n\nEach section is written by the benchmark named in it; 
 
 def replace_section(path: Path, name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else HEADER
+    text = path.read_text() if path.exists() else HEADER.replace("# Benchmarks", f"# {path.stem.title()}")
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
         before, rest = text.split(start, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import orjson
@@ -41,7 +42,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:
-            body = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+            body = _without_lone_surrogates(json.loads(raw.decode("utf-8"), parse_constant=_no_constants))
         except UnicodeDecodeError as e:
             raise bad_request(f"the request body is not valid UTF-8 (byte {e.start})") from e
         except RecursionError as e:
@@ -51,6 +52,21 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); no backend can take that as UTF-8 text. Each becomes
+    U+FFFD, the replacement character, as any UTF-8 system does; the rest of the text stays as sent."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _no_constants(name: str) -> float:

@@ -3,7 +3,9 @@
 It answers `answer from <name>` and records every request body, so tests can check what the proxy
 forwarded. `mode` changes its behaviour while it runs: "ok", "stall" (never answers), "die" (streams
 two chunks and drops the connection), "unavailable" (503), "slow" (streams 50 words, 0.1 s apart;
-`cancelled` counts the streams whose client went away). Prompts longer than `context` tokens
+`cancelled` counts the streams whose client went away), "echo" (answers with the last message's content).
+`delay` holds every answer back that many seconds. Run it as its own process with
+`python -m tests.fake_backend --port P [--mode M] [--delay S]`. Prompts longer than `context` tokens
 (4 characters each) get OpenAI's 400 context_length_exceeded.
 """
 
@@ -21,8 +23,9 @@ from starlette.routing import Route
 
 
 class FakeBackend:
-    def __init__(self, name: str, context: int = 100_000, mode: str = "ok", reply: str | None = None) -> None:
-        self.name, self.context, self.mode = name, context, mode
+    def __init__(self, name: str, context: int = 100_000, mode: str = "ok", reply: str | None = None,
+                 delay: float = 0.0) -> None:
+        self.name, self.context, self.mode, self.delay = name, context, mode, delay
         self.reply = reply  # a fixed answer instead of "answer from <name>"
         self.requests: list[dict[str, Any]] = []
         self.cancelled = 0
@@ -46,8 +49,10 @@ class FakeBackend:
                              "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}})
 
     async def chat(self, request: Request) -> Response:
-        body = await request.json()
+        body = json.loads(await request.body())  # the stdlib keeps lone surrogates, as a real server might not
         self.requests.append(body)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.mode == "stall":
             await asyncio.sleep(3600)
         if self.mode == "unavailable":
@@ -61,12 +66,15 @@ class FakeBackend:
         words = ["answer", " from", f" {self.name}"] if self.mode != "slow" else [f" w{i}" for i in range(50)]
         if self.reply is not None:
             words = [self.reply]
+        if self.mode == "echo":
+            words = [str(body["messages"][-1].get("content"))]
         usage = {"prompt_tokens": tokens, "completion_tokens": len(words), "total_tokens": tokens + len(words)}
         base = {"id": f"chatcmpl-{self.name}", "created": int(time.time()), "model": self.name}
         if not body.get("stream"):
-            return JSONResponse({**base, "object": "chat.completion", "choices": [
+            answer = {**base, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": "".join(words)}, "finish_reason": "stop"}],
-                "usage": usage})
+                "usage": usage}
+            return Response(json.dumps(answer), media_type="application/json")  # ASCII escapes: surrogates survive
 
         async def frames():  # type: ignore[no-untyped-def]
             try:
@@ -92,3 +100,18 @@ class FakeBackend:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--mode", default="ok")
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    uvicorn.run(FakeBackend(args.name, mode=args.mode, delay=args.delay).app, host="127.0.0.1", port=args.port,
+                log_level="warning", access_log=False)

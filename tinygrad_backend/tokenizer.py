@@ -38,6 +38,14 @@ _PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 _CONTROL, _USER_DEFINED = 3, 4
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _byte_decoder() -> dict[str, int]:
     # GPT-2's reversible byte<->unicode map
     # (https://github.com/openai/gpt-2/blob/9b63575ef42771a015060c964af2c3da4cf7c8ab/src/encoder.py#L9)
@@ -96,6 +104,8 @@ class GGUFTokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids for `text`, matching special tokens inside it (llama.cpp's parse_special=true)."""
+        # a lone UTF-16 surrogate (JSON can escape one) is not text; llama.cpp sees U+FFFD there too
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _has_surrogate(text) else text
         ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
         want_bos = self.add_bos if add_bos is None else add_bos
         if want_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
