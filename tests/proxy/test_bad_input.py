@@ -51,7 +51,8 @@ def test_nan_temperature_is_400(echo) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_prompt_longer_than_every_context_is_400(echo) -> None:  # type: ignore[no-untyped-def]
-    r = httpx.post(echo.url + "/v1/chat/completions", json={"model": "quick", "messages": [{"role": "user", "content": "x" * 400}]})
+    long = [{"role": "user", "content": "x" * 400}]
+    r = httpx.post(echo.url + "/v1/chat/completions", json={"model": "quick", "messages": long})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
