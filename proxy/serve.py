@@ -85,6 +85,7 @@ def start_backend(b: BackendSettings) -> subprocess.Popen[bytes] | None:
            "--max-context", str(b.max_context)]
     if b.device:
         cmd += ["--device", b.device]
+    cmd += ["--weights", b.weights] + (["--beam", str(b.beam)] if b.beam else [])
     log.info("starting the tinygrad backend: %s", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd)  # its progress lines go to our stderr
     deadline = time.monotonic() + b.start_timeout_s

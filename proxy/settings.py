@@ -41,6 +41,8 @@ class BackendSettings(BaseModel):
     port: int = Field(8001, ge=1, le=65535)
     max_context: int = Field(2048, ge=16)
     device: str | None = None
+    weights: str = Field("auto", pattern="^(auto|quantized|fp16|fp32)$")
+    beam: int = Field(0, ge=0)  # kernel search: slow first start, faster decoding (see tinygrad_backend --help)
     start_timeout_s: float = Field(600, gt=0)
 
 

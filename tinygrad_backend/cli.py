@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tinygrad device (default: tinygrad's choice)")
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT,
                    help=f"tokens of context to allocate (default {DEFAULT_CONTEXT}, capped at the model's own)")
+    p.add_argument("--weights", choices=["auto", "quantized", "fp16", "fp32"], default="auto",
+                   help="keep the file's quantized weights (least memory), or dequantize once at load to fp16/fp32 "
+                        "(faster per token); auto: fp32 when that fits in 2 GiB")
+    p.add_argument("--beam", type=int, default=0, metavar="N",
+                   help="search N kernel variants for each kernel (tinygrad's JITBEAM): faster decoding, minutes of "
+                        "search on the first start, kept in tinygrad's cache for later ones (default 0: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_START
     if args.device:
         os.environ["DEV"] = args.device  # read by tinygrad when it is first imported
+    if args.beam:
+        os.environ["JITBEAM"] = str(args.beam)
     try:
         model_id, path = resolve_model(args.model)
         header = read_header(path)
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_START
     context = min(args.max_context, header.context_length)
     log.info("model %s (%s, %s) on %s, context %d", model_id, header.name, header.architecture, device, context)
-    return _serve(model_id, header, tokenizer, template, sock, context, args.log_level)
+    return _serve(model_id, header, tokenizer, template, sock, context, args.log_level, args.weights)
 
 
 def _template(header, tokenizer: GGUFTokenizer) -> ChatTemplate:  # type: ignore[no-untyped-def]
@@ -121,7 +129,7 @@ def _template(header, tokenizer: GGUFTokenizer) -> ChatTemplate:  # type: ignore
         return ChatTemplate(None, bos, eos)
 
 
-def _serve(model_id, header, tokenizer, template, sock, context, log_level) -> int:  # type: ignore[no-untyped-def]
+def _serve(model_id, header, tokenizer, template, sock, context, log_level, weights) -> int:  # type: ignore[no-untyped-def]
     import uvicorn
 
     from tinygrad_backend.engine import Engine
@@ -134,7 +142,7 @@ def _serve(model_id, header, tokenizer, template, sock, context, log_level) -> i
         from tinygrad_backend.model import Model
 
         log.info("loading weights from %s", header.path)
-        model = Model(header, context, progress=log.info)
+        model = Model(header, context, progress=log.info, weights=weights)
         log.info("compiling kernels (warm-up)")
         model.warm_up(progress=log.info)
         log.info("ready: %s on http://%s:%d", model_id, *sock.getsockname()[:2])

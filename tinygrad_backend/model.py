@@ -8,21 +8,46 @@ them. tinygrad is not thread-safe: one thread (the engine's) calls this object.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp
-from tinygrad.llm.model import Transformer
+from tinygrad.helpers import getenv
+from tinygrad.llm.model import Transformer, precompute_freqs_cis
 
 from tinygrad_backend.gguf_file import GGUFHeader
 
 PREFILL_CHUNK = 32  # prompt tokens per prefill step, as tinygrad.llm.model.Transformer.generate
 
 
-def _load(header: GGUFHeader, context: int) -> Transformer:
-    net, _ = Transformer.from_gguf(header.path, context)
+WEIGHTS = ("auto", "quantized", "fp16", "fp32")
+AUTO_FP32_LIMIT = 2 << 30  # `auto` keeps fp32 weights up to this size, else the file's quantized ones
+
+
+def weight_mode(header: GGUFHeader, weights: str) -> str:
+    if weights != "auto":
+        return weights
+    params = sum(int(np.prod(t.shape)) for t in header.tensors)
+    return "fp32" if params * 4 <= AUTO_FP32_LIMIT else "quantized"
+
+
+def _load(header: GGUFHeader, context: int, mode: str) -> Transformer:
+    """`quantized` keeps the file's blocks and dequantizes inside every matmul (least memory); `fp16`/`fp32`
+    dequantize once at load and keep the result: more memory, much less work per token."""
+    half = os.environ.get("HALF")
+    os.environ["HALF"] = "0" if mode == "fp32" else "1"
+    getenv.cache_clear()  # type: ignore[attr-defined]  # tinygrad caches environment reads; from_gguf reads HALF
+    try:
+        net, _ = Transformer.from_gguf(header.path, context, realize=mode != "quantized")
+    finally:
+        if half is None:
+            os.environ.pop("HALF", None)
+        else:
+            os.environ["HALF"] = half
+        getenv.cache_clear()  # type: ignore[attr-defined]
 
     def forward(tokens: Tensor, start_pos: int | UOp) -> Tensor:
         x = net.token_embd(tokens).float()  # (B, T, D)
@@ -34,6 +59,11 @@ def _load(header: GGUFHeader, context: int) -> Transformer:
 
     # from_gguf builds a plain Transformer, so swap its JITs for ones around the logits forward
     net.prefill_jit, net.rollout_jit = TinyJit(forward), TinyJit(forward)
+    # RoPE's table (max_context x rope_dim of cos and sin) is built lazily and never realized, so every block
+    # recomputed it on every step: 4.5 ms a layer at 2048 tokens of context, most of a decode step on a CPU.
+    # The blocks fetch it through a functools.cache, so realizing the cached tensor once fixes them all.
+    c = net.blk[0].config
+    precompute_freqs_cis(c.rope_dim, c.max_context, c.rope_theta, device=Device.DEFAULT).realize()
     return net
 
 
@@ -48,12 +78,14 @@ class ModelInfo:
 
 
 class Model:
-    def __init__(self, header: GGUFHeader, max_context: int | None, progress: Callable[[str], None] = print) -> None:
+    def __init__(self, header: GGUFHeader, max_context: int | None, progress: Callable[[str], None] = print,
+                 weights: str = "auto") -> None:
         context = min(max_context or header.context_length, header.context_length)
         start = time.perf_counter()
-        self._net = _load(header, context)
+        self.weights = weight_mode(header, weights)
+        self._net = _load(header, context, self.weights)
         params = _parameters(self._net)
-        progress(f"weights loaded in {time.perf_counter() - start:.1f}s")
+        progress(f"weights loaded in {time.perf_counter() - start:.1f}s ({self.weights})")
         self.info = ModelInfo(
             name=header.name,
             architecture=header.architecture,
@@ -69,6 +101,10 @@ class Model:
     @property
     def max_context(self) -> int:
         return self.info.max_context
+
+    def forget(self) -> None:
+        """Treat the KV cache as empty: the next call feeds its whole sequence."""
+        self._cached = []
 
     def reusable_prefix(self, tokens: list[int]) -> int:
         """How many leading tokens of `tokens` the KV cache already holds (at least one is always fed)."""
@@ -102,13 +138,13 @@ class Model:
         """Compile and capture both JITs (prefill and one-token decode) before the first request."""
         start = time.perf_counter()
         for _ in range(2):  # TinyJit captures on its second call
-            self._cached = []
+            self.forget()
             seq = [0, 1, 2]
             self.next_logits(seq)
             for _ in range(2):
                 seq.append(0)
                 self.next_logits(seq)
-        self._cached = []
+        self.forget()
         progress(f"kernels compiled in {time.perf_counter() - start:.1f}s")
 
 

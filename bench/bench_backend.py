@@ -1,0 +1,277 @@
+"""make bench-backend: the tinygrad backend against llama.cpp on the same GGUF, threads and machine.
+
+Measured in one run, for both where it applies:
+  decode tokens/s (median of 5 runs of 128 greedy tokens); prefill tokens/s and time to first token for
+  128- and 512-token prompts, warm; start-up to ready, with tinygrad's kernel cache empty and filled;
+  aggregate tokens/s and p95 time to first token at 1, 2 and 4 concurrent requests through the HTTP
+  server; peak resident memory; effective memory bandwidth (bytes read per token x tokens/s) against the
+  machine's measured bandwidth; and next-token agreement with llama.cpp, teacher-forced on llama.cpp's
+  greedy tokens, over 20 prompts x 32 tokens.
+Writes its table, with the command, to BENCHMARKS.md. Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.report import replace_section  # noqa: E402
+from tests.servers import free_port, wait_http  # noqa: E402
+from tinygrad_backend.cli import resolve_model  # noqa: E402
+
+LLAMA_ENV = ROOT / ".bench" / "llamacpp"
+THREADS = os.cpu_count() or 1
+AGREEMENT_PROMPTS = [
+    "What is the capital of France? Answer in one word.", "Write a Python function that reverses a string.",
+    "Explain recursion to a child.", "List three prime numbers.", "Translate 'good morning' into Spanish.",
+    "Summarize: the build failed twice, then passed after a cache reset.", "What does HTTP stand for?",
+    "Give me a haiku about the sea.", "How do I sort a list in Python?", "Name a color of the rainbow.",
+    "What is 12 times 12?", "Describe a cat in one sentence.", "What is the boiling point of water?",
+    "Write a SQL query that counts rows in a table named users.", "Why is the sky blue?",
+    "Suggest a name for a pet goldfish.", "What is the opposite of hot?", "Write a limerick about a programmer.",
+    "What language is spoken in Brazil?", "Explain what a unit test is.",
+]
+
+
+def chat_prompt(text: str) -> str:
+    return (f"<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def llamacpp(model: Path, *args: str) -> object:
+    out = subprocess.run([str(LLAMA_ENV / "bin" / "python"), "bench/llamacpp_runner.py", str(model), str(THREADS), *args],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine_bandwidth_gbs() -> float:
+    a = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, past every cache
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(10):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t) / 1e9)  # read + write
+    return best
+
+
+# --- tinygrad, in process ------------------------------------------------------------------------------
+
+def ours_in_process(model_path: Path, weights: str) -> dict[str, float]:
+    from tinygrad import GlobalCounters
+
+    from tinygrad_backend.gguf_file import read_header
+    from tinygrad_backend.model import Model
+    from tinygrad_backend.tokenizer import GGUFTokenizer
+
+    header = read_header(model_path)
+    tok = GGUFTokenizer(header.metadata)
+    model = Model(header, 2048, progress=lambda s: None, weights=weights)
+    model.warm_up(progress=lambda s: None)
+    base = tok.encode("The history of computing is long and varied. ")
+    result: dict[str, float] = {}
+    decode = []
+    for _ in range(5):
+        model.forget()
+        seq = base[:8]
+        seq.append(int(model.next_logits(seq).argmax()))
+        start = time.perf_counter()
+        for _ in range(127):
+            seq.append(int(model.next_logits(seq).argmax()))
+        decode.append(127 / (time.perf_counter() - start))
+    result["decode_tps"] = statistics.median(decode)
+    GlobalCounters.reset()
+    seq.append(int(model.next_logits(seq).argmax()))
+    result["bytes_per_token"] = GlobalCounters.global_mem
+    for n in (128, 512):
+        prompt = (base * (n // len(base) + 1))[:n]
+        ttfts = []
+        for _ in range(3):
+            model.forget()
+            start = time.perf_counter()
+            model.next_logits(prompt)
+            ttfts.append(time.perf_counter() - start)
+        result[f"ttft_{n}_s"] = statistics.median(ttfts)
+        result[f"prefill_{n}_tps"] = n / statistics.median(ttfts)
+    return result
+
+
+def agreement(model_path: Path, weights: str) -> tuple[int, int]:
+    from tinygrad_backend.gguf_file import read_header
+    from tinygrad_backend.model import Model
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([chat_prompt(p) for p in AGREEMENT_PROMPTS], f)
+    refs = llamacpp(model_path, "reference", f.name)
+    model = Model(read_header(model_path), 2048, progress=lambda s: None, weights=weights)
+    agree = total = 0
+    for ref in refs:  # type: ignore[attr-defined]
+        model.forget()
+        seq = list(ref["prompt"])
+        for expected in ref["continuation"]:
+            agree += int(model.next_logits(seq).argmax()) == expected
+            total += 1
+            seq.append(expected)  # teacher-forced: llama.cpp's token, whatever ours was
+    return agree, total
+
+
+# --- servers ---------------------------------------------------------------------------------------------
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_ours(port: int, env: dict[str, str], weights: str, beam: int) -> tuple[subprocess.Popen[bytes], float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tinygrad_backend", "--port", str(port), "--max-context", "2048",
+                             "--weights", weights, "--beam", str(beam)], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/health", 1800, proc=proc)
+    return proc, time.perf_counter() - start
+
+
+def start_llamacpp(model: Path, port: int) -> tuple[subprocess.Popen[bytes], float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(LLAMA_ENV / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(model), "--port",
+                             str(port), "--n_threads", str(THREADS), "--n_ctx", "2048", "--model_alias", "smollm2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/v1/models", 600, proc=proc)
+    return proc, time.perf_counter() - start
+
+
+async def concurrent(url: str, n: int, tokens: int = 64) -> tuple[float, float]:
+    """`n` streaming requests at once: aggregate tokens/s and p95 time to first token."""
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[float, int]:
+        body = {"model": "smollm2", "stream": True, "max_tokens": tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": f"Write a long story about dragon number {i}."}]}
+        start, first, count = time.perf_counter(), None, 0
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"content"' in line and '"content": ""' not in line:
+                    first = first or time.perf_counter() - start
+                    count += 1
+        return first or 0.0, count
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, i) for i in range(n)))
+        wall = time.perf_counter() - start
+    ttfts = sorted(r[0] for r in results)
+    return sum(r[1] for r in results) / wall, ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--weights", default="auto", help="the backend's --weights setting to measure")
+    parser.add_argument("--beam", type=int, default=0, help="the backend's --beam setting to measure")
+    args = parser.parse_args()
+    if args.beam:
+        os.environ["JITBEAM"] = str(args.beam)  # before tinygrad is imported, for the in-process part
+    model_path = resolve_model("smollm2")[1]
+    rows: dict[str, dict[str, object]] = {"tinygrad": {}, "llama.cpp": {}}
+    bandwidth = machine_bandwidth_gbs()
+
+    rows["llama.cpp"].update(llamacpp(model_path, "speed"))  # type: ignore[arg-type]
+    ours = ours_in_process(model_path, args.weights)
+    rows["tinygrad"].update(ours)
+    agree, total = agreement(model_path, args.weights)
+    print(json.dumps(rows, indent=1), flush=True)
+
+    cold_cache = Path(tempfile.mkdtemp()) / "cache.db"
+    for label, env in (("cold", {"CACHEDB": str(cold_cache)}), ("warm", {"CACHEDB": str(cold_cache)})):
+        port = free_port()
+        proc, ready_s = start_ours(port, env, args.weights, args.beam)
+        rows["tinygrad"][f"ready_{label}_s"] = ready_s
+        if label == "warm":
+            for n in (1, 2, 4):
+                tps, p95 = asyncio.run(concurrent(f"http://127.0.0.1:{port}", n))
+                rows["tinygrad"][f"c{n}_tps"], rows["tinygrad"][f"c{n}_p95_ttft_s"] = tps, p95
+            rows["tinygrad"]["peak_rss_mb"] = peak_rss_mb(proc.pid)
+        proc.terminate()
+        proc.wait(30)
+    port = free_port()
+    proc, ready_s = start_llamacpp(model_path, port)
+    rows["llama.cpp"]["ready_warm_s"] = rows["llama.cpp"]["ready_cold_s"] = ready_s
+    for n in (1, 2, 4):
+        tps, p95 = asyncio.run(concurrent(f"http://127.0.0.1:{port}", n))
+        rows["llama.cpp"][f"c{n}_tps"], rows["llama.cpp"][f"c{n}_p95_ttft_s"] = tps, p95
+    rows["llama.cpp"]["peak_rss_mb"] = peak_rss_mb(proc.pid)
+    proc.terminate()
+    proc.wait(30)
+
+    table = render(rows, bandwidth, agree, total, f"{args.weights} --beam {args.beam}", model_path)
+    print(table)
+    replace_section(ROOT / "BENCHMARKS.md", "backend", table)
+    return 0
+
+
+def render(rows: dict[str, dict[str, object]], bandwidth: float, agree: int, total: int, weights: str, model: Path) -> str:
+    t, ll = rows["tinygrad"], rows["llama.cpp"]
+
+    def f(v: object, fmt: str = "{:.1f}") -> str:
+        return fmt.format(v) if isinstance(v, int | float) else "-"
+
+    bpt = float(t["bytes_per_token"])  # type: ignore[arg-type]
+    lines = [
+        "## TinyGrad backend against llama.cpp (`make bench-backend`)", "",
+        f"Command: `make bench-backend` (`.venv/bin/python bench/bench_backend.py --weights {weights}`), "
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {THREADS} CPUs, both on {THREADS} threads. "
+        f"Model: `{model.name}` (the bundled SmolLM2-135M-Instruct). llama.cpp: llama-cpp-python built from source "
+        "(`.bench/llamacpp`), its server for the HTTP rows. tinygrad 0.13.0, device CPU.", "",
+        "| measure | tinygrad | llama.cpp | ratio |", "| --- | --- | --- | --- |",
+    ]
+
+    def row(name: str, key: str, fmt: str = "{:.1f}", higher_better: bool = True) -> None:
+        a, b = t.get(key), ll.get(key)
+        both = isinstance(a, float | int) and isinstance(b, float | int) and a and b
+        ratio = (a / b if higher_better else b / a) if both else None  # type: ignore[operator]
+        lines.append(f"| {name} | {f(a, fmt)} | {f(b, fmt)} | {f(ratio, '{:.2f}x')} |")
+
+    row("decode tokens/s (128 tokens, greedy, median of 5)", "decode_tps")
+    row("prefill tokens/s, 128-token prompt", "prefill_128_tps")
+    row("time to first token, 128-token prompt (s)", "ttft_128_s", "{:.3f}", higher_better=False)
+    row("prefill tokens/s, 512-token prompt", "prefill_512_tps")
+    row("time to first token, 512-token prompt (s)", "ttft_512_s", "{:.3f}", higher_better=False)
+    row("start to ready, kernel cache empty (s)", "ready_cold_s", "{:.1f}", higher_better=False)
+    row("start to ready, kernel cache filled (s)", "ready_warm_s", "{:.1f}", higher_better=False)
+    for n in (1, 2, 4):
+        row(f"aggregate tokens/s, {n} concurrent (HTTP)", f"c{n}_tps")
+        row(f"p95 time to first token, {n} concurrent (s)", f"c{n}_p95_ttft_s", "{:.2f}", higher_better=False)
+    row("peak resident memory (MB)", "peak_rss_mb", "{:.0f}", higher_better=False)
+    decode = float(t["decode_tps"])  # type: ignore[arg-type]
+    lines += [
+        "", f"Effective bandwidth of the tinygrad decode step: {bpt / 1e9:.3f} GB read per token x {decode:.1f} tokens/s = "
+        f"{bpt * decode / 1e9:.2f} GB/s, against {bandwidth:.1f} GB/s measured on this machine (numpy copy of 64 MiB).",
+        f"Next-token agreement with llama.cpp, teacher-forced on its greedy tokens: {agree}/{total} = "
+        f"{100 * agree / total:.1f}% over {len(AGREEMENT_PROMPTS)} prompts x 32 tokens (target >= 95%).",
+        "",
+        "Targets, as ratios from this run: decode >= 0.5x llama.cpp: "
+        f"{'met' if decode >= 0.5 * float(ll['decode_tps']) else 'not met'} ({decode / float(ll['decode_tps']):.2f}x); "  # type: ignore[arg-type]
+        "warm TTFT at 128 tokens <= 2x llama.cpp's: "
+        f"{'met' if float(t['ttft_128_s']) <= 2 * float(ll['ttft_128_s']) else 'not met'}; "  # type: ignore[arg-type]
+        f"ready within 20 s with a warm cache: {'met' if float(t['ready_warm_s']) <= 20 else 'not met'}; "  # type: ignore[arg-type]
+        f"4 concurrent >= 2x one: {'met' if float(t['c4_tps']) >= 2 * float(t['c1_tps']) else 'not met'} "  # type: ignore[arg-type]
+        f"({float(t['c4_tps']) / float(t['c1_tps']):.2f}x).",  # type: ignore[arg-type]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
