@@ -2,4 +2,5 @@ import sys
 
 from tinygrad_backend.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # kernel search (--beam) spawns worker processes that import this module again
+    sys.exit(main())

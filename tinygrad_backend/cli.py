@@ -32,6 +32,14 @@ class StartError(Exception):
     """The server cannot start as asked; the message says why."""
 
 
+class _Stopped(Exception):
+    """SIGTERM, after uvicorn's graceful shutdown."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
 def resolve_model(name: str) -> tuple[str, Path]:
     """The served model id and file for `--model`: a bundled model's name or a path to a GGUF file."""
     if name in BUNDLED:
@@ -100,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DEV"] = args.device  # read by tinygrad when it is first imported
     if args.beam:
         os.environ["JITBEAM"] = str(args.beam)
+        # tinygrad times out each candidate kernel with SIGALRM, which works only on a main thread; the engine
+        # is not one, so compile candidates in worker processes (on a GPU tinygrad does this by itself)
+        os.environ.setdefault("PARALLEL", str(os.cpu_count() or 1))
     try:
         model_id, path = resolve_model(args.model)
         header = read_header(path)
@@ -159,7 +170,10 @@ def _serve(model_id, header, tokenizer, template, sock, context, log_level, weig
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     engine.start()
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again with the handler it found: make that
+    # handler raise, so we return (and exit 2 after a failed load) instead of dying of the signal
+    signal.signal(signal.SIGTERM, _stop)
+    with contextlib.suppress(KeyboardInterrupt, _Stopped):
         server.run(sockets=[sock])
     engine.stop()
     return EXIT_BAD_START if failure else 0

@@ -108,6 +108,15 @@ def test_server_refuses_bad_files_with_status_2(tmp_path: Path, make: str) -> No
     assert time.monotonic() - start < 30  # fails at once, no hang
 
 
+def test_weights_that_fail_to_load_stop_the_server_with_status_2(tmp_path: Path) -> None:
+    """A header that passes the checks but weights tinygrad cannot load: the server has already started
+    (and answered `loading`), then stops with one clear line and status 2."""
+    path = write_tiny(tmp_path / "holes.gguf", drop=("blk.1.ffn_up.weight",))
+    result = _run_backend("--model", str(path), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "error: the model failed to load" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_port_in_use_is_status_2(tmp_path: Path) -> None:
     import socket
 

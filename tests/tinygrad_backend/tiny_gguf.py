@@ -22,7 +22,7 @@ def byte_tokens() -> list[str]:
 
 
 def write_tiny(path: Path, arch: str = "llama", context: int = 64, template: str | None = None,
-               with_tokenizer: bool = True) -> Path:
+               with_tokenizer: bool = True, drop: tuple[str, ...] = ()) -> Path:
     dim, hidden, heads, kv_heads, blocks = 64, 128, 4, 2, 2
     head_dim = dim // heads
     rng = np.random.default_rng(0)
@@ -50,7 +50,8 @@ def write_tiny(path: Path, arch: str = "llama", context: int = 64, template: str
             w.add_chat_template(template)
 
     def t(name: str, *shape: int) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+        if name not in drop:
+            w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
 
     vocab = len(tokens)
     t("token_embd.weight", vocab, dim)
