@@ -7,13 +7,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # clang: tinygrad's CPU device compiles with it; chromium: the savings page is tested in a real browser;
-# postgresql: the usage store's Postgres mode is tested against a real server the tests start
-SYSTEM_PACKAGES := clang chromium postgresql
+# postgresql, redis-server: scale-out is tested against real servers the tests start
+SYSTEM_PACKAGES := clang chromium postgresql redis-server
 HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml
 
-.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability bench-backend review
+.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability bench-backend bench-scale review
 
 install: $(STAMP)
 
@@ -76,6 +76,9 @@ $(LLAMACPP_ENV)/.installed:
 
 bench-backend: $(STAMP) $(LLAMACPP_ENV)/.installed
 	$(BIN)/python bench/bench_backend.py --weights $(or $(WEIGHTS),auto) $(if $(BEAM),--beam $(BEAM))
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py
 
 bench-reliability: $(STAMP)
 	$(BIN)/python bench/bench_reliability.py

@@ -32,6 +32,7 @@ from proxy.recorder import Recorder
 from proxy.responses import dumps, json_response, sse
 from proxy.router import Deployment, active_cooldowns, build_router
 from proxy.settings import Settings
+from proxy.shared_state import SharedRateLimiter, redis_settings
 from proxy.spend import SpendAPI
 from proxy.store import UsageStore
 from proxy.ui import SavingsPage
@@ -60,6 +61,8 @@ class Proxy:
         self.keys = KeyStore(store)
         self.auth = Auth(master_key, self.keys)
         self.rates = RateLimiter()
+        redis_conn = redis_settings(settings.router_settings)
+        self.shared_rates = SharedRateLimiter(redis_conn) if redis_conn else None
         self.usage = usage
         self.health = HealthMonitor(self.deployments)
         self.known = set(settings.groups)
@@ -125,7 +128,7 @@ class Proxy:
             kwargs["stream_options"] = {"include_usage": True}  # real token counts, always
         return kwargs
 
-    def _admit(self, caller: Caller, alias: str, body: dict[str, Any], prompt: Any) -> float | None:
+    async def _admit(self, caller: Caller, alias: str, body: dict[str, Any], prompt: Any) -> float | None:
         """An issued key's limits: its aliases, its request rate, and a reservation on its budget."""
         issued = caller.issued
         if issued is None:
@@ -133,7 +136,7 @@ class Proxy:
         if issued.aliases is not None and alias not in issued.aliases:
             raise ProxyError(403, f"this key may not use '{alias}'; it may use: {', '.join(issued.aliases) or 'nothing'}",
                              type_="permission_error", code="alias_not_allowed", param="model")
-        if issued.rpm is not None and (wait := self.rates.allow(issued.key_id, issued.rpm)) is not None:
+        if issued.rpm is not None and (wait := await self._rate(issued.key_id, issued.rpm)) is not None:
             raise ProxyError(429, f"this key's limit of {issued.rpm} requests a minute is reached", type_="rate_limit_error",
                              code="rate_limited", retry_after=wait)
         if issued.budget_usd is None:
@@ -156,6 +159,11 @@ class Proxy:
                                   f"${amount:.4f})", type_="insufficient_quota", code="insufficient_quota")
         return amount
 
+    async def _rate(self, kid: str, rpm: int) -> float | None:
+        if self.shared_rates is not None:
+            return await self.shared_rates.allow(kid, rpm)
+        return self.rates.allow(kid, rpm)
+
     async def chat_completions(self, request: Request) -> Response:
         caller, body = await self._read(request)
         validation.check_keys(body)
@@ -163,7 +171,7 @@ class Proxy:
         validation.check_messages(body)
         validation.check_common(body)
         validation.check_tools(body)
-        reserved = self._admit(caller, alias, body, body["messages"])
+        reserved = await self._admit(caller, alias, body, body["messages"])
         trace = self.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, self.recorder.record)
         trace.reserved = reserved
         trace.prompt = body["messages"]
@@ -177,7 +185,7 @@ class Proxy:
         alias = validation.check_model(body, self.known, self.settings.aliases)
         validation.check_prompt(body)
         validation.check_common(body)
-        reserved = self._admit(caller, alias, body, body["prompt"])
+        reserved = await self._admit(caller, alias, body, body["prompt"])
         trace = self.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, self.recorder.record)
         trace.reserved = reserved
         prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
@@ -301,6 +309,8 @@ class Proxy:
             problems.append("draining: shutting down")
         if not self.health.any_ready():
             problems.append("no deployment is reachable")
+        if self.shared_rates is not None and (redis_problem := await self.shared_rates.problem()):
+            problems.append(redis_problem)
         if problem := self.recorder.problem():
             problems.append(problem)
         else:
@@ -449,6 +459,8 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
             await proxy.health.stop()
             await proxy.usage.drain()
             await proxy.recorder.stop()
+            if proxy.shared_rates is not None:
+                await proxy.shared_rates.close()
 
     routes = [
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from proxy.errors import ProxyError, unauthorized
-from proxy.keys import IssuedKey, KeyStore, key_id
+from proxy.keys import IssuedKey, KeyStore, key_hash, key_id
 
 OPEN_CHECK_S = 1.0  # how long "no issued key exists" is trusted before asking the store again
 
@@ -39,16 +39,37 @@ class Auth:
         self._master = master_key.encode("utf-8") if master_key else None
         self.keys = keys
         self._open_until = 0.0
+        self._was_open = True
+        self._seen: dict[str, IssuedKey] = {}  # key hash -> record, for when the store cannot be read
 
     def _open(self) -> bool:
         if self._master is not None:
             return False
         if self.keys is None or time.monotonic() < self._open_until:
             return True
-        if self.keys.any_active():
-            return False
-        self._open_until = time.monotonic() + OPEN_CHECK_S
-        return True
+        try:
+            self._was_open = not self.keys.any_active()
+        except Exception:  # noqa: BLE001 - the store is down: keep the last answer it gave
+            return self._was_open
+        if self._was_open:
+            self._open_until = time.monotonic() + OPEN_CHECK_S
+        return self._was_open
+
+    def _find(self, token: str) -> IssuedKey | None:
+        """The issued key for `token`. While the store cannot be read, the last record seen for it stands
+        (a key never seen cannot be checked: 503, never a pass)."""
+        assert self.keys is not None
+        digest = key_hash(token)
+        try:
+            issued = self.keys.find(token)
+        except Exception as e:
+            if digest in self._seen:
+                return self._seen[digest]
+            raise ProxyError(503, "API keys cannot be checked now: the store is unreachable", type_="service_unavailable",
+                             code="store_unavailable", retry_after=5) from e
+        if issued is not None:
+            self._seen[digest] = issued
+        return issued
 
     def check(self, authorization: str | None) -> Caller:
         """The caller behind this Authorization header; 401 for a wrong, revoked, expired or missing key."""
@@ -57,7 +78,7 @@ class Auth:
             # latin-1 is how the HTTP layer decoded the header: get the client's bytes back for the comparison
             if self._master is not None and hmac.compare_digest(token.encode("latin-1", "replace"), self._master):
                 return Caller(key_id(token), master=True)
-            issued = self.keys.find(token) if self.keys is not None else None
+            issued = self._find(token) if self.keys is not None else None
             if issued is not None:
                 if issued.revoked_at is not None:
                     raise unauthorized("this API key has been revoked")

@@ -75,8 +75,11 @@ def build_router(settings: Settings) -> tuple[litellm.Router, dict[str, Deployme
         params = d["litellm_params"]
         deployments[info["id"]] = Deployment(info["id"], d["model_name"], params["model"], params.get("api_base"),
                                              info.get("power_watts"))
+    router_settings = dict(settings.router_settings)
+    if "redis_port" in router_settings:  # from os.environ/... it is a string
+        router_settings["redis_port"] = int(router_settings["redis_port"])
     try:
-        router = litellm.Router(model_list=model_list, **settings.router_settings)
+        router = litellm.Router(model_list=model_list, **router_settings)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"router_settings: LiteLLM refused them: {e}") from e
     return router, deployments

@@ -114,6 +114,7 @@ def load_settings(config: Path) -> Settings:
     from proxy import settings as settings_module
     from proxy.pricing import PricingError, check_reference_model
     from proxy.router import build_router
+    from proxy.shared_state import check_reachable, redis_settings
 
     settings = settings_module.load(config)
     build_router(settings)  # the checks that need LiteLLM, and the Router's own, before anything starts
@@ -121,6 +122,11 @@ def load_settings(config: Path) -> Settings:
         check_reference_model(settings.delegate.reference_model)
     except PricingError as e:
         raise ConfigError(f"delegate.reference_model: {e}") from e
+    if conn := redis_settings(settings.router_settings):
+        try:
+            check_reachable(conn)
+        except ConnectionError as e:
+            raise ConfigError(f"router_settings.{conn['field']}: {e}") from e
     return settings
 
 

@@ -150,24 +150,37 @@ class PostgresDatabase(Database):
             raise StoreError("DELEGATE_DATABASE_URL points at Postgres but psycopg is not installed") from e
         self.url = url
         self._psycopg = psycopg
-        try:
-            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
-        except psycopg.Error as e:
-            raise StoreError(f"cannot connect to the Postgres usage store: {e}") from e
         self._lock = threading.Lock()
+        try:
+            self._conn = self._connect()
+        except psycopg.Error as e:
+            where = url.split("@")[-1].split("/")[0]
+            raise StoreError(f"cannot connect to the Postgres usage store at {where} (DELEGATE_DATABASE_URL): "
+                             f"{str(e).strip().splitlines()[0]}") from e
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+
+    def _live(self) -> Any:
+        """The connection, opened again if the server went away (a restart, a failover)."""
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+        return self._conn
 
     @staticmethod
     def _sql(sql: str) -> str:
         return sql.replace("?", "%s")
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock, self._conn.cursor() as cur:
+        with self._lock, self._live().cursor() as cur:
             cur.execute(self._sql(sql), tuple(params))
             return cur.fetchall() if cur.description else []
 
     def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
-            cur.executemany(self._sql(sql), rows)
+        with self._lock:
+            conn = self._live()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
 
     def close(self) -> None:
         self._conn.close()

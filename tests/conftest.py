@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,9 @@ def bundled_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A real PostgreSQL server from Debian's package, started on a free loopback port for the session."""
+@contextlib.contextmanager
+def postgres_server() -> Iterator[tuple[str, Callable[[str], None]]]:
+    """A real PostgreSQL server from Debian's package on a free loopback port: (url, pg_ctl action)."""
     import shutil
     import subprocess
     import tempfile
@@ -61,15 +62,52 @@ def postgres_url() -> Iterator[str]:
     def run(*args: str) -> None:
         subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=120)
 
+    def ctl(action: str) -> None:
+        extra = ["-m", "immediate"] if action == "stop" else []
+        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", *extra, action)
+
     run(str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "delegate")
-    run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
-        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    ctl("start")
     try:
         run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "delegate", "usage")
-        yield f"postgresql://delegate@127.0.0.1:{port}/usage"
+        yield f"postgresql://delegate@127.0.0.1:{port}/usage", ctl
     finally:
-        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop")
+        with contextlib.suppress(Exception):
+            ctl("stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with postgres_server() as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A real redis-server from Debian's package on a free loopback port, nothing persisted."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
+    port = port or free_port()
+    with process([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                 python=False) as proc:
+        import redis
+
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 def shipped_config(path: Path, backend_url: str, backend: dict[str, Any] | None = None) -> Path:

@@ -68,9 +68,10 @@ def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,), proc: subp
 
 
 @contextlib.contextmanager
-def process(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[subprocess.Popen[Any]]:
+def process(args: list[str], env: dict[str, str] | None = None, log: Path | None = None,
+            python: bool = True) -> Iterator[subprocess.Popen[Any]]:
     out = open(log, "wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
+    proc = subprocess.Popen([sys.executable, *args] if python else args, cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc
