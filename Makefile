@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml
 
-.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability bench-backend bench-scale review
+.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability bench-backend bench-scale bench-cli review
 
 install: $(STAMP)
 
@@ -76,6 +76,9 @@ $(LLAMACPP_ENV)/.installed:
 
 bench-backend: $(STAMP) $(LLAMACPP_ENV)/.installed
 	$(BIN)/python bench/bench_backend.py --weights $(or $(WEIGHTS),auto) $(if $(BEAM),--beam $(BEAM))
+
+bench-cli: $(STAMP)
+	$(BIN)/python bench/bench_cli.py
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_scale.py

@@ -32,6 +32,7 @@ from proxy.recorder import Recorder
 from proxy.responses import dumps, json_response, sse
 from proxy.router import Deployment, active_cooldowns, build_router
 from proxy.settings import Settings
+from proxy.shapes import chat_chunk, chat_dict, has_text, text_chunk, text_dict
 from proxy.shared_state import SharedRateLimiter, redis_settings
 from proxy.spend import SpendAPI
 from proxy.store import UsageStore
@@ -177,7 +178,7 @@ class Proxy:
         trace.prompt = body["messages"]
         kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._complete(trace, kwargs, include_usage, self.router.acompletion, _chat_dict, _chat_chunk)
+        return await self._complete(trace, kwargs, include_usage, self.router.acompletion, chat_dict, chat_chunk)
 
     async def completions(self, request: Request) -> Response:
         caller, body = await self._read(request)
@@ -192,7 +193,7 @@ class Proxy:
         trace.prompt = prompt
         kwargs = {**self._kwargs(trace, body), "prompt": prompt}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._complete(trace, kwargs, include_usage, self.router.atext_completion, _text_dict, _text_chunk)
+        return await self._complete(trace, kwargs, include_usage, self.router.atext_completion, text_dict, text_chunk)
 
     async def _complete(self, trace: RequestTrace, kwargs: dict[str, Any], include_usage: bool, call: Any,
                         to_dict: Any, to_chunk: Any) -> Response:
@@ -241,7 +242,7 @@ class Proxy:
                     continue
                 if chunk_usage is not None and not out["choices"] and not include_usage:
                     continue
-                if out["choices"] and _has_text(out["choices"][0]):
+                if out["choices"] and has_text(out["choices"][0]):
                     content_chunks += 1
                     if trace.first_token_at is None:
                         trace.first_token_at = time.perf_counter()
@@ -335,10 +336,6 @@ class Proxy:
                       "deployments": deployments})
 
 
-def _has_text(choice: dict[str, Any]) -> bool:
-    return bool((choice.get("delta") or {}).get("content") or choice.get("text"))
-
-
 def _estimate_prompt_tokens(trace: RequestTrace, model: str) -> int:
     """A stream cut short never got its usage chunk: count the prompt with LiteLLM's tokenizer instead."""
     if trace.prompt is None:
@@ -355,70 +352,6 @@ def _litellm_version() -> str:
     from importlib.metadata import version
 
     return version("litellm")
-
-
-# --- OpenAI shapes out of LiteLLM objects ------------------------------------------------------------
-
-def _message(m: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m.role or "assistant", "content": m.content}
-    if getattr(m, "tool_calls", None):
-        out["tool_calls"] = [tc.model_dump(exclude_none=True) if hasattr(tc, "model_dump") else tc for tc in m.tool_calls]
-    return out
-
-
-def _usage(u: Any) -> dict[str, int] | None:
-    if u is None:
-        return None
-    return {"prompt_tokens": int(u.prompt_tokens or 0), "completion_tokens": int(u.completion_tokens or 0),
-            "total_tokens": int(u.total_tokens or 0)}
-
-
-def _chat_dict(r: Any, model: str) -> dict[str, Any]:
-    return {"id": r.id, "object": "chat.completion", "created": r.created, "model": model,
-            "system_fingerprint": getattr(r, "system_fingerprint", None),
-            "choices": [{"index": c.index, "message": _message(c.message), "logprobs": None,
-                         "finish_reason": c.finish_reason} for c in r.choices],
-            "usage": _usage(getattr(r, "usage", None))}
-
-
-def _text_dict(r: Any, model: str) -> dict[str, Any]:
-    return {"id": r.id, "object": "text_completion", "created": r.created, "model": model,
-            "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                        for c in r.choices],
-            "usage": _usage(getattr(r, "usage", None))}
-
-
-def _chat_chunk(c: Any, model: str) -> dict[str, Any] | None:
-    choices = []
-    for ch in c.choices:
-        d = ch.delta
-        delta: dict[str, Any] = {}
-        if d is not None:
-            if d.role:
-                delta["role"] = d.role
-            if d.content is not None:
-                delta["content"] = d.content
-            if d.tool_calls:
-                delta["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in d.tool_calls]
-        choices.append({"index": ch.index, "delta": delta, "logprobs": None, "finish_reason": ch.finish_reason})
-    out = {"id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": model, "choices": choices}
-    usage = _usage(getattr(c, "usage", None))
-    if usage is not None:
-        out["usage"] = usage
-    return out
-
-
-def _text_chunk(c: Any, model: str) -> dict[str, Any] | None:
-    choices = [{"index": ch.get("index", 0) if isinstance(ch, dict) else ch.index,
-                "text": (ch.get("text") if isinstance(ch, dict) else ch.text) or "",
-                "logprobs": None,
-                "finish_reason": ch.get("finish_reason") if isinstance(ch, dict) else ch.finish_reason}
-               for ch in c.choices]
-    out = {"id": c.id, "object": "text_completion", "created": c.created, "model": model, "choices": choices}
-    usage = _usage(getattr(c, "usage", None))
-    if usage is not None:
-        out["usage"] = usage
-    return out
 
 
 # --- the application ---------------------------------------------------------------------------------

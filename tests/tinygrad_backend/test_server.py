@@ -201,3 +201,19 @@ def test_parallel_threads_with_ollama_and_openai(bundled_backend: str, client: o
         a = pool.submit(lambda: client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=2, temperature=0))
         b = pool.submit(lambda: oc.chat(model="smollm2", messages=QUESTION, options={"num_predict": 2, "temperature": 0}))
         assert a.result().choices[0].message.content and b.result().message.content
+
+
+def test_litellm_ollama_chat_provider_works_unchanged(bundled_backend: str) -> None:
+    """LiteLLM's own `ollama_chat/` provider, pointed at this backend as if it were Ollama."""
+    import os
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    r = litellm.completion(model="ollama_chat/smollm2", api_base=bundled_backend, messages=QUESTION, max_tokens=8,
+                           temperature=0)
+    assert "Paris" in (r.choices[0].message.content or "")
+    assert r.usage.prompt_tokens == 42 and 1 <= r.usage.completion_tokens <= 8
+    chunks = list(litellm.completion(model="ollama_chat/smollm2", api_base=bundled_backend, messages=QUESTION,
+                                     max_tokens=3, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("The")
