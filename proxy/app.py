@@ -103,7 +103,7 @@ class Proxy:
 
     def _headers(self, trace: RequestTrace, dep: Deployment | None, hops: int) -> dict[str, str]:
         return {"x-request-id": trace.request_id, "x-delegate-alias": trace.alias,
-                "x-delegate-served-by": dep.model if dep else "unknown", "x-delegate-fallbacks": str(hops)}
+                "x-delegate-served-by": dep.model if dep else "none", "x-delegate-fallbacks": str(hops)}
 
     def _failure(self, trace: RequestTrace, exc: Exception) -> ProxyError:
         """Turn the Router's final exception into the status the client should see."""
@@ -207,7 +207,8 @@ class Proxy:
                                       llm_provider="delegate")
             error = self._failure(trace, exc)
             self.usage.end(trace, "error", exc)
-            return error.response({"x-request-id": trace.request_id, "x-delegate-alias": trace.alias})
+            tried = {self.deployments[a.deployment_id].group for a in trace.attempts if a.deployment_id in self.deployments}
+            return error.response(self._headers(trace, None, max(len(tried) - 1, 0)))
         dep, hops = self._served(getattr(result, "_hidden_params", None) or {}, trace.alias)
         trace.served_by = dep.id if dep else None
         headers = self._headers(trace, dep, hops)

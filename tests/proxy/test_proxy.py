@@ -180,6 +180,7 @@ def test_every_backend_unreachable_is_503_with_retry_after(tmp_path: Path, start
         r = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "quick", "messages": MSG})
         assert r.status_code == 503, r.text
         assert int(r.headers["retry-after"]) >= 1
+        assert (r.headers["x-delegate-served-by"], r.headers["x-delegate-fallbacks"]) == ("none", "1")
         assert r.json()["error"]["code"] == "backends_unreachable"
 
 
