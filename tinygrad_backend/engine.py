@@ -1,8 +1,9 @@
-"""The engine: one thread that owns the model and runs generations, one at a time, in arrival order.
+"""The engine: one thread that owns the model and runs up to `slots` generations at once, admitted in
+arrival order.
 
-tinygrad is not thread-safe and the model has one KV cache, so every tinygrad call happens on this
-thread: loading, warm-up and generation. HTTP handlers submit a Generation and read its events from an
-asyncio queue; a handler whose client went away cancels it, and the engine stops at the next token.
+tinygrad is not thread-safe, so every tinygrad call happens on this thread: loading, warm-up and
+generation. HTTP handlers submit a Generation and read its events from an asyncio queue; a handler
+whose client went away cancels it, and the engine stops it at the next turn, freeing its slot.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if TYPE_CHECKING:  # the model module imports tinygrad, which must not load befo
 
 log = logging.getLogger("tinygrad_backend")
 
+PROMPT_TOKENS_PER_TURN = 32  # one prefill chunk of the model's
+
 
 class ContextLengthExceeded(ValueError):
     def __init__(self, prompt_tokens: int, max_context: int) -> None:
@@ -42,7 +45,7 @@ class NotReady(RuntimeError):
 
 @dataclass
 class Timings:
-    queued_ms: float = 0.0  # waiting for earlier generations
+    queued_ms: float = 0.0  # waiting for a free slot
     prompt_n: int = 0  # prompt tokens run through the model (the rest came from the KV cache)
     prompt_ms: float = 0.0  # prefill, up to the first token
     predicted_n: int = 0
@@ -116,6 +119,24 @@ class Generation:
             self.cancel()
 
 
+@dataclass
+class _Running:
+    """A generation that holds a slot: its tokens so far and its decoding state."""
+
+    gen: Generation
+    slot: int
+    seq: list[int]
+    rng: np.random.Generator
+    decode: Callable[[int | None], str]
+    stops: StopMatcher
+    timings: Timings
+    admitted: float
+    first_token_at: float = 0.0
+    produced: int = 0
+    prefilled: bool = False
+    reason: str | None = None  # set when it is done
+
+
 class Engine:
     def __init__(self, load: Callable[[], tuple[Model, GGUFTokenizer]], on_fatal: Callable[[BaseException], None]):
         """`load` runs on the engine thread and returns (model, tokenizer); `on_fatal` hears if it fails."""
@@ -125,7 +146,7 @@ class Engine:
         self.model: Model | None = None
         self.tokenizer: GGUFTokenizer | None = None
         self.ready = threading.Event()
-        self.busy = False
+        self._running: dict[int, _Running] = {}  # by slot
 
     def start(self) -> None:
         self._thread.start()
@@ -136,6 +157,14 @@ class Engine:
     @property
     def waiting(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
         if not self.ready.is_set():
@@ -155,56 +184,109 @@ class Engine:
             self._on_fatal(e)
             return
         self.ready.set()
-        while (gen := self._queue.get()) is not None:
+        # Continuous batching: every turn admits waiting generations into free slots, feeds one prompt chunk
+        # (so a long prompt does not stall the others' tokens for its whole prefill), then runs one decode
+        # step for every generation past its prompt, all slots in one forward pass.
+        while self._admit():
+            try:
+                self._prefill_one()
+                self._decode_all()
+            except Exception as e:
+                log.exception("generation failed")
+                for r in list(self._running.values()):
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+            for r in list(self._running.values()):
+                if r.gen.cancelled:
+                    self._finish(r, "cancelled")
+
+    def _admit(self) -> bool:
+        """Move waiting generations into free slots; block while there is nothing to do. False to stop."""
+        model = self.model
+        assert model is not None
+        while len(self._running) < model.slots:
+            try:
+                gen = self._queue.get(block=not self._running)
+            except queue.Empty:
+                return True
+            if gen is None:
+                return False
             if gen.cancelled:
                 gen._emit(Finished("cancelled", len(gen.prompt), 0, Timings()))
                 continue
-            self.busy = True
-            try:
-                gen._emit(self._generate(gen))
-            except Exception as e:
-                log.exception("generation failed")
-                gen._emit(Finished("error", len(gen.prompt), 0, Timings(), error=f"{type(e).__name__}: {e}"))
-            finally:
-                self.busy = False
+            self._start(gen)
+        return True
 
-    def _generate(self, gen: Generation) -> Finished:
-        model, tok, params = self.model, self.tokenizer, gen.params
+    def _start(self, gen: Generation) -> None:
+        model, tok = self.model, self.tokenizer
         assert model is not None and tok is not None
-        start = time.perf_counter()
-        timings = Timings(queued_ms=(start - gen.submitted) * 1000, prompt_n=len(gen.prompt) - model.reusable_prefix(gen.prompt))
-        rng = np.random.default_rng(params.seed)
-        decode, stops = tok.stream_decoder(), StopMatcher(params.stop)
-        seq, produced, reason = list(gen.prompt), 0, "length"
-        first_token_at = start
-        while True:
-            if gen.cancelled:
-                reason = "cancelled"
-                break
-            if len(seq) >= model.max_context or (params.max_tokens is not None and produced >= params.max_tokens):
-                reason = "length"
-                break
-            token = pick_token(model.next_logits(seq), params, rng)
-            if produced == 0:
-                first_token_at = time.perf_counter()
-                timings.prompt_ms = (first_token_at - start) * 1000
-            if token in tok.end_ids:
-                reason = "stop"
-                break
-            seq.append(token)
-            produced += 1
-            text, hit_stop = stops.feed(decode(token))
-            if text:
-                gen._emit(TextDelta(text))
-            if hit_stop:
-                reason = "stop"
-                break
-        if not stops.hit and reason != "cancelled":
-            tail, _ = stops.feed(decode(None))
-            tail += stops.flush()  # a partial stop string at the very end is text after all
-            if tail:
-                gen._emit(TextDelta(tail))
-        timings.predicted_n = produced
-        timings.predicted_ms = (time.perf_counter() - first_token_at) * 1000 if produced else 0.0
-        return Finished(reason, len(gen.prompt), produced, timings)
+        free = [i for i in range(model.slots) if i not in self._running]
+        # the free slot whose KV cache already holds most of this prompt (a chat's earlier turns)
+        slot = max(free, key=lambda i: model.reusable_prefix(gen.prompt, i))
+        now = time.perf_counter()
+        timings = Timings(queued_ms=(now - gen.submitted) * 1000,
+                          prompt_n=len(gen.prompt) - model.reusable_prefix(gen.prompt, slot))
+        r = _Running(gen, slot, list(gen.prompt), np.random.default_rng(gen.params.seed), tok.stream_decoder(),
+                     StopMatcher(gen.params.stop), timings, admitted=now)
+        self._running[slot] = r
+        if self._at_limit(r):
+            self._finish(r, "length")
 
+    def _prefill_one(self) -> None:
+        """Feed one chunk of the oldest prompt still being read; its first token when it is all in."""
+        pending = [r for r in self._running.values() if not r.prefilled]
+        if not pending:
+            return
+        r = min(pending, key=lambda r: r.admitted)
+        assert self.model is not None
+        logits = self.model.feed(r.seq, r.slot, limit=PROMPT_TOKENS_PER_TURN)
+        if logits is not None:
+            r.prefilled = True
+            self._advance(r, logits)
+
+    def _decode_all(self) -> None:
+        decoding = [r for r in self._running.values() if r.prefilled and not r.gen.cancelled]
+        if not decoding:
+            return
+        assert self.model is not None
+        logits = self.model.step({r.slot: r.seq for r in decoding})
+        for r in decoding:
+            self._advance(r, logits[r.slot])
+
+    def _advance(self, r: _Running, logits: np.ndarray) -> None:
+        """Sample the next token from `logits`, stream its text, and finish the generation if it is done."""
+        assert self.tokenizer is not None
+        token = pick_token(logits, r.gen.params, r.rng)
+        if r.produced == 0:
+            r.first_token_at = time.perf_counter()
+            r.timings.prompt_ms = (r.first_token_at - r.admitted) * 1000
+        if token in self.tokenizer.end_ids:
+            self._finish(r, "stop")
+            return
+        r.seq.append(token)
+        r.produced += 1
+        text, hit_stop = r.stops.feed(r.decode(token))
+        if text:
+            r.gen._emit(TextDelta(text))
+        if hit_stop:
+            self._finish(r, "stop")
+        elif self._at_limit(r):
+            self._finish(r, "length")
+
+    def _at_limit(self, r: _Running) -> bool:
+        assert self.model is not None
+        max_tokens = r.gen.params.max_tokens
+        return len(r.seq) >= self.model.max_context or (max_tokens is not None and r.produced >= max_tokens)
+
+    def _finish(self, r: _Running, reason: str, error: str | None = None) -> None:
+        if self._running.get(r.slot) is not r:
+            return
+        del self._running[r.slot]
+        if not r.stops.hit and reason not in ("cancelled", "error"):
+            tail, _ = r.stops.feed(r.decode(None))
+            tail += r.stops.flush()  # a partial stop string at the very end is text after all
+            if tail:
+                r.gen._emit(TextDelta(tail))
+        t = r.timings
+        t.predicted_n = r.produced
+        t.predicted_ms = (time.perf_counter() - r.first_token_at) * 1000 if r.produced else 0.0
+        r.gen._emit(Finished(reason, len(r.gen.prompt), r.produced, t, error=error))

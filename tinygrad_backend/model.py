@@ -1,9 +1,10 @@
 """The model itself: GGUF weights run by tinygrad, giving next-token logits for a token sequence.
 
-It knows nothing of HTTP or of requests. tinygrad 0.13.0's `Transformer` does the work; we keep its
-blocks and KV cache and change one thing: our forward returns the logits instead of a token picked on
-the device, so sampling (temperature, top_p, seed) and the agreement check against llama.cpp can see
-them. tinygrad is not thread-safe: one thread (the engine's) calls this object.
+It knows nothing of HTTP or of requests. tinygrad 0.13.0's `Transformer` loads the weights; our forward
+(`forward.py`) runs them over a KV cache with a row per slot, so several sequences decode in one step,
+and returns logits instead of a token picked on the device, so sampling (temperature, top_p, seed) and
+the agreement check against llama.cpp can see them. tinygrad is not thread-safe: one thread (the
+engine's) calls this object.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp
 from tinygrad.helpers import getenv
-from tinygrad.llm.model import Transformer, precompute_freqs_cis
+from tinygrad.llm.model import Transformer
 
+from tinygrad_backend.forward import SlotForward
 from tinygrad_backend.gguf_file import GGUFHeader
 
 PREFILL_CHUNK = 32  # prompt tokens per prefill step, as tinygrad.llm.model.Transformer.generate
@@ -48,22 +50,6 @@ def _load(header: GGUFHeader, context: int, mode: str) -> Transformer:
         else:
             os.environ["HALF"] = half
         getenv.cache_clear()  # type: ignore[attr-defined]
-
-    def forward(tokens: Tensor, start_pos: int | UOp) -> Tensor:
-        x = net.token_embd(tokens).float()  # (B, T, D)
-        for block in net.blk:
-            x = block(x, start_pos)
-        # only the last position's logits are wanted; contiguous gives the JIT an output buffer of its own
-        # (a view into the (B, T, vocab) result would keep the offset of the T it was captured with)
-        return net.output(net.output_norm(x[:, -1, :])).contiguous()  # (B, vocab)
-
-    # from_gguf builds a plain Transformer, so swap its JITs for ones around the logits forward
-    net.prefill_jit, net.rollout_jit = TinyJit(forward), TinyJit(forward)
-    # RoPE's table (max_context x rope_dim of cos and sin) is built lazily and never realized, so every block
-    # recomputed it on every step: 4.5 ms a layer at 2048 tokens of context, most of a decode step on a CPU.
-    # The blocks fetch it through a functools.cache, so realizing the cached tensor once fixes them all.
-    c = net.blk[0].config
-    precompute_freqs_cis(c.rope_dim, c.max_context, c.rope_theta, device=Device.DEFAULT).realize()
     return net
 
 
@@ -78,14 +64,17 @@ class ModelInfo:
 
 
 class Model:
+    """Next-token logits for up to `slots` sequences at once, each keeping its tokens in its own KV cache row."""
+
     def __init__(self, header: GGUFHeader, max_context: int | None, progress: Callable[[str], None] = print,
-                 weights: str = "auto") -> None:
+                 weights: str = "auto", slots: int = 1) -> None:
         context = min(max_context or header.context_length, header.context_length)
         start = time.perf_counter()
         self.weights = weight_mode(header, weights)
-        self._net = _load(header, context, self.weights)
-        params = _parameters(self._net)
-        progress(f"weights loaded in {time.perf_counter() - start:.1f}s ({self.weights})")
+        net = _load(header, context, self.weights)
+        self._forward = SlotForward(net, slots)
+        params = _parameters(net)
+        progress(f"weights loaded in {time.perf_counter() - start:.1f}s ({self.weights}, {slots} slot(s))")
         self.info = ModelInfo(
             name=header.name,
             architecture=header.architecture,
@@ -94,65 +83,109 @@ class Model:
             parameters=sum(int(p.numel()) for p in params),
             weight_bytes=header.path.stat().st_size,
         )
-        self._cached: list[int] = []  # the tokens whose keys and values sit in the KV cache
-        self._start_var = UOp.variable("start_pos", 0, context - 1)
-        self._len_var = UOp.variable("toks", 1, PREFILL_CHUNK)
+        self.slots = slots
+        self._cached: list[list[int]] = [[] for _ in range(slots)]  # per slot, the tokens its KV cache holds
+        self._slot = UOp.variable("slot", 0, slots - 1)
+        self._start = UOp.variable("start_pos", 0, context - 1)
+        self._count = UOp.variable("toks", 1, PREFILL_CHUNK)
+        self._length = UOp.variable("length", 1, context)
+        self._positions = [UOp.variable(f"pos{i}", 0, context - 1) for i in range(slots)]
+        # one JIT per shape of work: 1 to PREFILL_CHUNK tokens of one sequence (a prompt chunk, or a decode step
+        # when one sequence runs: as fast as a JIT captured for one token, and one capture fewer at start-up),
+        # and one token for every slot
+        self._one = TinyJit(self._forward.one_sequence)
+        self._every = TinyJit(self._forward.every_slot)
 
     @property
     def max_context(self) -> int:
         return self.info.max_context
 
-    def forget(self) -> None:
-        """Treat the KV cache as empty: the next call feeds its whole sequence."""
-        self._cached = []
+    def forget(self, slot: int | None = None) -> None:
+        """Treat a slot's KV cache (or every slot's) as empty: its next call feeds its whole sequence."""
+        for i in range(self.slots) if slot is None else (slot,):
+            self._cached[i] = []
 
-    def reusable_prefix(self, tokens: list[int]) -> int:
-        """How many leading tokens of `tokens` the KV cache already holds (at least one is always fed)."""
+    def reusable_prefix(self, tokens: list[int], slot: int = 0) -> int:
+        """How many leading tokens of `tokens` the slot's KV cache already holds (at least one is always fed)."""
         n = 0
-        for a, b in zip(tokens[:-1], self._cached, strict=False):
+        for a, b in zip(tokens[:-1], self._cached[slot], strict=False):
             if a != b:
                 break
             n += 1
         return n
 
-    def next_logits(self, tokens: list[int]) -> np.ndarray:
-        """Logits for the token after `tokens`, feeding only what the KV cache lacks. Shape (vocab,)."""
+    def feed(self, tokens: list[int], slot: int = 0, limit: int | None = None) -> np.ndarray | None:
+        """Feed at most `limit` of the tokens the slot's KV cache lacks. Once all of `tokens` is in, the logits
+        for the token after them, shape (vocab,); None while some are still to feed (a long prompt in parts,
+        so other slots can decode between them)."""
         if not 0 < len(tokens) <= self.max_context:
             raise ValueError(f"{len(tokens)} tokens do not fit a context of {self.max_context}")
-        pos = self.reusable_prefix(tokens)
+        pos = self.reusable_prefix(tokens, slot)
+        end = len(tokens) if limit is None else min(len(tokens), pos + limit)
         # As Transformer.generate: the JIT sees a view into one context-sized buffer at a symbolic offset
         # and length; other shapes of input made replays of a captured prefill read the wrong tokens.
         buf = Tensor([tokens + [0] * (self.max_context - len(tokens))], dtype="int32")
         out: Tensor | None = None
-        while pos < len(tokens):
-            n = min(PREFILL_CHUNK, len(tokens) - pos)
-            sp, nt = self._start_var.bind(pos), self._len_var.bind(n)
-            jit = self._net.rollout_jit if n == 1 else self._net.prefill_jit
-            out = jit(buf[:, sp : sp + nt].contiguous(), sp).realize()  # realizing writes the KV cache
+        s = self._slot.bind(slot)
+        while pos < end:
+            n = min(PREFILL_CHUNK, end - pos)
+            sp, nt = self._start.bind(pos), self._count.bind(n)
+            out = self._one(buf[:, sp : sp + nt].contiguous(), s, sp).realize()  # realizing writes the KV cache
             pos += n
-        self._cached = list(tokens)
+            self._cached[slot] = tokens[:pos]
+        if pos < len(tokens):
+            return None
         assert out is not None
         return out.numpy().reshape(-1)
 
+    def next_logits(self, tokens: list[int], slot: int = 0) -> np.ndarray:
+        """Logits for the token after `tokens`, feeding only what the slot's KV cache lacks. Shape (vocab,)."""
+        logits = self.feed(tokens, slot)
+        assert logits is not None
+        return logits
+
+    def step(self, sequences: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """One decode step for several slots at once: each sequence lacks only its last token in its slot's
+        KV cache. Logits for the token after each, by slot."""
+        if len(sequences) == 1 or self.slots == 1:
+            return {slot: self.next_logits(seq, slot) for slot, seq in sequences.items()}
+        positions = []
+        tokens = []
+        for slot in range(self.slots):
+            seq = sequences.get(slot)
+            if seq is None:  # an idle slot computes a throwaway row: write it just past what its cache holds
+                pos = min(len(self._cached[slot]), self.max_context - 1)
+                self._cached[slot] = self._cached[slot][:pos]
+                positions.append(pos)
+                tokens.append(0)
+                continue
+            if not 0 < len(seq) <= self.max_context or self.reusable_prefix(seq, slot) != len(seq) - 1:
+                raise ValueError(f"slot {slot}: a decode step feeds exactly one token the cache lacks")
+            positions.append(len(seq) - 1)
+            tokens.append(seq[-1])
+        out = self._every(
+            Tensor(np.array(tokens, dtype=np.int32).reshape(-1, 1)), Tensor(np.array(positions, dtype=np.int32)),
+            self._length.bind(max(positions) + 1), *[v.bind(p) for v, p in zip(self._positions, positions, strict=True)],
+        ).realize()
+        logits = out.numpy()
+        for slot, seq in sequences.items():
+            self._cached[slot] = list(seq)
+        return {slot: logits[slot] for slot in sequences}
+
     def warm_up(self, progress: Callable[[str], None] = print) -> None:
-        """Compile and capture both JITs (prefill and one-token decode) before the first request."""
+        """Compile and capture both JITs (one sequence, every slot) before the first request."""
         start = time.perf_counter()
-        # TinyJit runs a function once uncaptured (so the state it creates, the KV cache and the compiled
-        # blocks, becomes real) and captures it on the second call; each call schedules the whole graph
-        # (~4 s here). One uncaptured prefill makes that state for both JITs, so the decode JIT can capture
-        # on its first call.
-        net = self._net
-        self.forget()
+        # Every buffer the forward writes (the KV cache) already exists, so each JIT can capture on its first
+        # call instead of its second (TinyJit's default, to let lazily created state become real first);
+        # each call schedules the whole graph, ~4 s here.
+        self._one.cnt = self._every.cnt = 1
         seq = [0, 1, 2]
-        self.next_logits(seq)  # prefill, uncaptured: creates the state
-        net.rollout_jit.cnt = 1
-        seq.append(0)
-        self.next_logits(seq)  # one-token decode, captured
-        self.forget()
-        seq = [0, 1, 2]
-        self.next_logits(seq)  # prefill, captured
-        seq.append(0)
-        self.next_logits(seq)  # decode, the first replay
+        self.next_logits(seq)  # captured
+        self.next_logits(seq + [0])  # the first replay
+        if self.slots > 1:
+            self.next_logits([1], 1)
+            self.step({0: seq + [0, 0], 1: [1, 0]})  # captured
+            self.step({0: seq + [0, 0, 0], 1: [1, 0, 0]})
         self.forget()
         progress(f"kernels compiled in {time.perf_counter() - start:.1f}s")
 

@@ -51,6 +51,8 @@ class Backend:
             "context_length": self.max_context,
             "architecture": self.header.architecture,
             "busy": self.engine.busy,
+            "slots": self.engine.model.slots if self.engine.model is not None else None,
+            "running": self.engine.running,
             "waiting": self.engine.waiting,
         }
 

@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
 
 from tinygrad_backend.cli import resolve_model
 from tinygrad_backend.gguf_file import read_header
 
+if TYPE_CHECKING:
+    from tinygrad_backend.model import Model
+
 GOLDEN = json.loads((Path(__file__).parent / "data" / "smollm2_greedy.json").read_text())
 
 
-def test_next_token_agreement_with_llama_cpp() -> None:
+@pytest.fixture(scope="module")
+def model() -> Model:
     from tinygrad_backend.model import Model
 
-    model = Model(read_header(resolve_model("smollm2")[1]), 512, progress=lambda _: None)
+    return Model(read_header(resolve_model("smollm2")[1]), 512, progress=lambda _: None, slots=4)
+
+
+def test_next_token_agreement_with_llama_cpp(model: Model) -> None:
     agree = total = 0
     for case in GOLDEN["cases"]:
         model.forget()
@@ -30,3 +41,29 @@ def test_next_token_agreement_with_llama_cpp() -> None:
             seq.append(expected)
     assert total >= 30
     assert agree / total >= 0.95, f"{agree}/{total}"
+
+
+def test_decoding_every_slot_at_once_gives_each_sequence_its_own_logits(model: Model) -> None:
+    """Four prompts of different lengths decode together, each at its own position in its own KV cache row:
+    every row's logits match that sequence decoded alone, and the greedy picks still agree with llama.cpp."""
+    cases = GOLDEN["cases"][:4]
+    assert len({len(c["prompt"]) for c in cases}) > 1
+    steps = 8
+    alone: list[list[np.ndarray]] = []
+    model.forget()
+    for slot, case in enumerate(cases):
+        seq = list(case["prompt"])
+        alone.append([model.next_logits(seq + case["continuation"][:k], slot) for k in range(steps)])
+    model.forget()
+    seqs = {slot: list(case["prompt"]) for slot, case in enumerate(cases)}
+    together = [{slot: model.next_logits(seq, slot) for slot, seq in seqs.items()}]
+    for k in range(1, steps):
+        for slot, case in enumerate(cases):
+            seqs[slot].append(case["continuation"][k - 1])
+        together.append(model.step(seqs))
+    agree = 0
+    for slot, case in enumerate(cases):
+        for k in range(steps):
+            np.testing.assert_allclose(together[k][slot], alone[slot][k], atol=1e-3, rtol=1e-3)
+            agree += int(together[k][slot].argmax()) == case["continuation"][k]
+    assert agree / (steps * len(cases)) >= 0.9, f"{agree}/{steps * len(cases)}"

@@ -22,17 +22,13 @@ def client(bundled_backend: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=bundled_backend + "/v1", api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def aclient(bundled_backend: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=bundled_backend + "/v1", api_key="unused", max_retries=0)
-
-
 def test_health_reports_ready_with_model_device_and_context(bundled_backend: str) -> None:
     body = httpx.get(bundled_backend + "/health").json()
     assert body["status"] == "ready"
     assert body["model"] == "smollm2"
     assert body["device"] == "CPU"
     assert body["context_length"] == 512
+    assert body["slots"] == 4 and body["running"] == 0
 
 
 def test_chat_answers_paris(client: openai.OpenAI) -> None:
@@ -115,19 +111,41 @@ def test_malformed_json_is_400(bundled_backend: str) -> None:
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
-def test_concurrent_requests_all_answer(aclient: openai.AsyncOpenAI) -> None:
+def test_concurrent_requests_decode_together_and_answer_as_alone(bundled_backend: str) -> None:
+    """Four requests share decode steps (one slot each) and, greedy, get exactly the answers they get alone."""
     import asyncio
+    import threading
 
     async def one(i: int) -> str:
+        aclient = openai.AsyncOpenAI(base_url=bundled_backend + "/v1", api_key="unused", max_retries=0)
         r = await aclient.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": f"Count to {i}."}],
-                                                  temperature=0, max_tokens=2)
+                                                  temperature=0, max_tokens=6)
         return r.choices[0].message.content or ""
 
     async def all_of_them() -> list[str]:
         return await asyncio.gather(*(one(i) for i in range(4)))
 
-    answers = asyncio.run(all_of_them())
-    assert len(answers) == 4 and all(answers)
+    async def one_by_one() -> list[str]:
+        return [await one(i) for i in range(4)]
+
+    alone = asyncio.run(one_by_one())
+    most_running, done = 0, threading.Event()
+
+    def watch() -> None:
+        nonlocal most_running
+        while not done.is_set():
+            most_running = max(most_running, httpx.get(bundled_backend + "/health").json()["running"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        together = asyncio.run(all_of_them())
+    finally:
+        done.set()
+        watcher.join()
+    assert all(alone) and together == alone
+    assert most_running >= 2, "the requests ran one after another"
 
 
 def test_client_disconnect_stops_generation(bundled_backend: str) -> None:
