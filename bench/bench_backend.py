@@ -138,10 +138,13 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+PARALLEL = 4  # the backend's default --parallel: generations decoded together
+
+
 def start_ours(port: int, env: dict[str, str], weights: str, beam: int) -> tuple[subprocess.Popen[bytes], float]:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "tinygrad_backend", "--port", str(port), "--max-context", "2048",
-                             "--weights", weights, "--beam", str(beam)], cwd=ROOT, env={**os.environ, **env},
+                             "--weights", weights, "--beam", str(beam), "--parallel", str(PARALLEL)], cwd=ROOT, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/health", 1800, proc=proc)
     return proc, time.perf_counter() - start
@@ -239,7 +242,8 @@ def render(rows: dict[str, dict[str, object]], bandwidth: float, agree: int, tot
         f"Command: `make bench-backend` (`.venv/bin/python bench/bench_backend.py --weights {weights}`), "
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {THREADS} CPUs, both on {THREADS} threads. "
         f"Model: `{model.name}` (the bundled SmolLM2-135M-Instruct). llama.cpp: llama-cpp-python built from source "
-        "(`.bench/llamacpp`), its server for the HTTP rows. tinygrad 0.13.0, device CPU.", "",
+        f"(`.bench/llamacpp`), its server for the HTTP rows. tinygrad 0.13.0, device CPU; the HTTP rows run our "
+        f"server with `--parallel {PARALLEL}` (its default).", "",
         "| measure | tinygrad | llama.cpp | ratio |", "| --- | --- | --- | --- |",
     ]
 
