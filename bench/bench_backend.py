@@ -144,7 +144,8 @@ PARALLEL = 4  # the backend's default --parallel: generations decoded together
 def start_ours(port: int, env: dict[str, str], weights: str, beam: int) -> tuple[subprocess.Popen[bytes], float]:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "tinygrad_backend", "--port", str(port), "--max-context", "2048",
-                             "--weights", weights, "--beam", str(beam), "--parallel", str(PARALLEL)], cwd=ROOT, env={**os.environ, **env},
+                             "--weights", weights, "--beam", str(beam), "--parallel", str(PARALLEL)],
+                            cwd=ROOT, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/health", 1800, proc=proc)
     return proc, time.perf_counter() - start

@@ -26,23 +26,28 @@ from tinygrad.uop.ops import resolve
 
 
 class SlotForward:
-    def __init__(self, net: Transformer, slots: int) -> None:
+    def __init__(self, net: Transformer, slots: int, chunk: int) -> None:
+        """`chunk`: the most tokens one call of `one_sequence` feeds; the cache has that much room past the
+        context, so a chunk padded to full length never writes outside it."""
         self.net, self.slots = net, slots
         # the architectures we load (gguf_file.SUPPORTED_ARCHITECTURES) are built of plain attention blocks
         self.blocks = cast(list[TransformerBlock], net.blk)
         c: TransformerConfig = self.blocks[0].config
         self.config = c
         # RoPE's table, realized once: tinygrad builds it lazily and would recompute it in every block
-        self.freqs = precompute_freqs_cis(c.rope_dim, c.max_context, c.rope_theta, device=net.token_embd.weight.device)
+        room = c.max_context + chunk
+        self.freqs = precompute_freqs_cis(c.rope_dim, room, c.rope_theta, device=net.token_embd.weight.device)
         self.freqs.realize()
         for block in self.blocks:
             # (keys and values, slot, kv head, position, head dim); zeros, realized, so the JITs capture real buffers
-            block.cache_kv = Tensor.zeros(2, slots, c.n_kv_heads, c.max_context, c.head_dim,
+            block.cache_kv = Tensor.zeros(2, slots, c.n_kv_heads, room, c.head_dim,
                                           device=self.freqs.device).contiguous().realize()
 
-    def one_sequence(self, tokens: Tensor, slot: UOp, start_pos: UOp) -> Tensor:
-        """tokens (1, T) of the sequence in `slot`, the first at `start_pos`: logits after the last, (1, vocab)."""
-        return self._run(tokens, self._attend_one, slot, start_pos)
+    def one_sequence(self, tokens: Tensor, slot: UOp, start_pos: UOp, last: UOp | None = None) -> Tensor:
+        """tokens (1, T) of the sequence in `slot`, the first at `start_pos`: logits after token `last` (default
+        the last), (1, vocab). Tokens after `last` are padding: they only fill cache positions that the
+        sequence's next tokens overwrite, and no earlier token attends to them."""
+        return self._run(tokens, self._attend_one, slot, start_pos, last=last)
 
     def every_slot(self, tokens: Tensor, positions: Tensor, length: UOp, *slot_positions: UOp) -> Tensor:
         """One token per slot, tokens (slots, 1), slot i's at `slot_positions[i]` (also given as the int
@@ -74,7 +79,7 @@ class SlotForward:
         return q.scaled_dot_product_attention(kv[0, :, :, 0:length, :], kv[1, :, :, 0:length, :], attn_mask=mask,
                                               enable_gqa=True)
 
-    def _run(self, tokens: Tensor, attend: Callable[..., Tensor], *args: Tensor | UOp) -> Tensor:
+    def _run(self, tokens: Tensor, attend: Callable[..., Tensor], *args: Tensor | UOp, last: UOp | None = None) -> Tensor:
         net = self.net
         x = net.token_embd(tokens).float()  # (B, T, D)
         for block in self.blocks:
@@ -87,8 +92,9 @@ class SlotForward:
                 h = x + block.attn_output(a.transpose(1, 2).reshape(B, T, -1))
                 return (h + block._feed_forward(block.ffn_norm(h))).contiguous()
             x = run(x, *args)
-        # only the last position's logits are wanted; contiguous gives the JIT an output buffer of its own
-        return net.output(net.output_norm(x[:, -1, :])).contiguous()
+        # only one position's logits are wanted; contiguous gives the JIT an output buffer of its own
+        x = x[:, -1, :] if last is None else x[:, last:last + 1, :].reshape(x.shape[0], -1)
+        return net.output(net.output_norm(x)).contiguous()
 
     def _qkv(self, block: TransformerBlock, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values as (B, heads, T, head dim), RoPE applied; as TransformerBlock._attention
