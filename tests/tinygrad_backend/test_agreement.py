@@ -67,3 +67,17 @@ def test_decoding_every_slot_at_once_gives_each_sequence_its_own_logits(model: M
             np.testing.assert_allclose(together[k][slot], alone[slot][k], atol=1e-3, rtol=1e-3)
             agree += int(together[k][slot].argmax()) == case["continuation"][k]
     assert agree / (steps * len(cases)) >= 0.9, f"{agree}/{steps * len(cases)}"
+
+
+def test_prompt_chunks_padded_to_full_length_give_the_logits_of_one_token_at_a_time(model: Model) -> None:
+    """A 70-token prompt goes in as chunks of 32, 32 and 6 (padded to 32): the padding must not leak into
+    the logits, nor into the KV cache that later tokens read."""
+    seq = [int(t) for t in np.random.default_rng(0).integers(100, 40000, 70)]
+    model.forget(0)
+    chunked = [model.next_logits(seq, 0), model.next_logits(seq + [42], 0)]
+    model.forget(0)
+    for n in range(1, len(seq)):
+        model.next_logits(seq[:n], 0)  # one token per call
+    one_by_one = [model.next_logits(seq, 0), model.next_logits(seq + [42], 0)]
+    for a, b in zip(chunked, one_by_one, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
