@@ -48,35 +48,42 @@ class SlotForward:
         """tokens (1, T) of the sequence in `slot`, the first at `start_pos`: logits after token `last` (default
         the last), (1, vocab). Tokens after `last` are padding: they only fill cache positions that the
         sequence's next tokens overwrite, and no earlier token attends to them."""
-        return self._run(tokens, self._attend_one, slot, start_pos, last=last)
+        T = tokens.shape[1]
+        if not resolve(T != 1):
+            return self._run(tokens, self._attend_one, slot, start_pos, last=last)
+        # causal, lower-right aligned: token i of the chunk sees the cache up to start_pos + i. Built once for
+        # all blocks, from a comparison: Tensor.triu costs O(context^2) work, in every block
+        later = Tensor.arange(start_pos + T, device=tokens.device).reshape(1, -1) - start_pos  # type: ignore[operator]
+        unseen = later > Tensor.arange(T, device=tokens.device).reshape(T, 1)
+        mask = unseen.where(float("-inf"), 0.0).contiguous()
+        return self._run(tokens, self._attend_one, slot, start_pos, mask, last=last)
 
     def every_slot(self, tokens: Tensor, positions: Tensor, length: UOp, *slot_positions: UOp) -> Tensor:
         """One token per slot, tokens (slots, 1), slot i's at `slot_positions[i]` (also given as the int
         tensor `positions`, for the mask); `length` is max(positions) + 1. Logits, (slots, vocab)."""
-        return self._run(tokens, self._attend_every, positions, length, *slot_positions)
+        S = self.slots
+        # a slot sees its own cache up to its own position; positions past it hold stale tokens
+        mask = (Tensor.arange(length, device=tokens.device).reshape(1, 1, 1, 1, length) > positions.reshape(S, 1, 1, 1, 1)) \
+            .where(float("-inf"), 0.0).contiguous()
+        return self._run(tokens, self._attend_every, mask, *slot_positions)
 
-    def _attend_one(self, block: TransformerBlock, x: Tensor, slot: UOp, start_pos: UOp) -> Tensor:
+    def _attend_one(self, block: TransformerBlock, x: Tensor, slot: UOp, start_pos: UOp, mask: Tensor | None = None) -> Tensor:
         T = x.shape[1]
         q, k, v = self._qkv(block, x, self.freqs[start_pos:start_pos + T].reshape(1, 1, T, -1))
         cache = block.cache_kv
         written = cache[:, slot:slot + 1, :, start_pos:start_pos + T, :].uop.store(Tensor.stack(k, v).uop)
         kv = Tensor(cache.uop.after(written))
         keys, values = kv[0, slot:slot + 1, :, 0:start_pos + T, :], kv[1, slot:slot + 1, :, 0:start_pos + T, :]
-        # causal, lower-right aligned: token i of this chunk sees the cache up to start_pos + i
-        mask = Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1) \
-            if resolve(T != 1) else None
         return self._attention(q, keys, values, mask)
 
-    def _attend_every(self, block: TransformerBlock, x: Tensor, positions: Tensor, length: UOp, *slot_positions: UOp) -> Tensor:
+    def _attend_every(self, block: TransformerBlock, x: Tensor, mask: Tensor, *slot_positions: UOp) -> Tensor:
         S = self.slots
         freqs = Tensor.cat(*[self.freqs[p:p + 1] for p in slot_positions]).reshape(S, 1, 1, -1)
         q, k, v = self._qkv(block, x, freqs)
         cache, kv_new = block.cache_kv, Tensor.stack(k, v)  # (2, slots, kv heads, 1, head dim)
         written = [cache[:, i:i + 1, :, p:p + 1, :].uop.store(kv_new[:, i:i + 1].uop) for i, p in enumerate(slot_positions)]
         kv = Tensor(cache.uop.after(*written))
-        # a slot sees its own cache up to its own position; positions past it hold stale tokens
-        mask = (Tensor.arange(length, device=x.device).reshape(1, 1, 1, 1, length) > positions.reshape(S, 1, 1, 1, 1)) \
-            .where(float("-inf"), 0.0)
+        length = mask.shape[-1]
         return self._attention(q, kv[0, :, :, 0:length, :], kv[1, :, :, 0:length, :], mask)
 
     def _attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
@@ -86,8 +93,13 @@ class SlotForward:
         1.2 ms more per token of context. `mask` broadcasts to (B, kv heads, group, T, L)."""
         B, H, T, D = q.shape
         kv_heads = keys.shape[1]
-        q = q.reshape(B, kv_heads, H // kv_heads, T, D)  # query head h reads kv head h // group
-        scores = q @ keys.unsqueeze(2).transpose(-2, -1) / math.sqrt(D)  # (B, kv heads, group, T, L)
+        group = H // kv_heads
+        q = q.reshape(B, kv_heads, group * T, D)  # query head h reads kv head h // group
+        # keys times queries, not queries times keys: with the context length L symbolic, tinygrad's kernel for
+        # q @ k^T ran single-threaded at ~1 GFLOP/s (20 ms a block at 1k tokens); this order reads each key
+        # once against all of a kv head's queries
+        scores = (keys @ q.transpose(-2, -1)).contiguous().transpose(-2, -1) / math.sqrt(D)  # (B, kv heads, group*T, L)
+        scores = scores.reshape(B, kv_heads, group, T, -1)
         if mask is not None:
             scores = scores + mask
         return (scores.softmax(-1) @ values.unsqueeze(2)).reshape(B, H, T, D)
