@@ -82,7 +82,7 @@ def start_backend(b: BackendSettings) -> subprocess.Popen[bytes] | None:
         log.info("using the tinygrad backend already running at %s", url)
         return None
     cmd = [sys.executable, "-m", "tinygrad_backend", "--model", b.model, "--host", b.host, "--port", str(b.port),
-           "--max-context", str(b.max_context)]
+           "--max-context", str(b.max_context), "--parallel", str(b.parallel)]
     if b.device:
         cmd += ["--device", b.device]
     cmd += ["--weights", b.weights] + (["--beam", str(b.beam)] if b.beam else [])

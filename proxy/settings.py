@@ -40,6 +40,7 @@ class BackendSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=1, le=65535)
     max_context: int = Field(2048, ge=16)
+    parallel: int = Field(4, ge=1, le=64)  # generations decoded together, each with a KV cache of max_context
     device: str | None = None
     weights: str = Field("auto", pattern="^(auto|quantized|fp16|fp32)$")
     beam: int = Field(0, ge=0)  # kernel search: slow first start, faster decoding (see tinygrad_backend --help)

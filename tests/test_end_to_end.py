@@ -36,7 +36,7 @@ def test_delegate_serve_starts_backend_then_proxy_and_stops_both(tmp_path: Path)
     model = write_tiny(tmp_path / "smollm2.gguf", "llama", context=128)  # served as `smollm2`, as config.yaml asks
     backend_port, proxy_port = free_port(), free_port()
     config = shipped_config(tmp_path / "config.yaml", f"http://127.0.0.1:{backend_port}",
-                            {"model": str(model), "port": backend_port, "max_context": 64})
+                            {"model": str(model), "port": backend_port, "max_context": 64, "parallel": 2})
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(proxy_port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -46,6 +46,7 @@ def test_delegate_serve_starts_backend_then_proxy_and_stops_both(tmp_path: Path)
         r = httpx.post(f"http://127.0.0.1:{proxy_port}/v1/chat/completions", timeout=60,
                        json={"model": "quick", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(f"http://127.0.0.1:{backend_port}/health").json()["slots"] == 2  # config's backend.parallel
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         out = proc.communicate(timeout=60)[0].decode(errors="replace")
