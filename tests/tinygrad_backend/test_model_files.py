@@ -128,3 +128,12 @@ def test_port_in_use_is_status_2(tmp_path: Path) -> None:
                                  "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "cannot listen" in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [("--parallel", "0", "--parallel must be between 1 and 64"),
+                                                        ("--max-context", "8", "--max-context must be at least 16")])
+def test_bad_settings_are_status_2(tmp_path: Path, flag: str, value: str, message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "tinygrad_backend", "--model", str(write_tiny(tmp_path / "l.gguf")),
+                             flag, value], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
