@@ -24,7 +24,7 @@ from tinygrad.llm.model import Transformer
 from tinygrad_backend.forward import SlotForward
 from tinygrad_backend.gguf_file import GGUFHeader
 
-PREFILL_CHUNK = 32  # prompt tokens per prefill step, as tinygrad.llm.model.Transformer.generate
+PREFILL_CHUNK = 32  # prompt tokens per prefill call, always this many (the last chunk padded): one concrete shape
 
 
 WEIGHTS = ("auto", "quantized", "fp16", "fp32")
