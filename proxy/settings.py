@@ -42,7 +42,7 @@ class BackendSettings(BaseModel):
     max_context: int = Field(2048, ge=16)
     parallel: int = Field(4, ge=1, le=64)  # generations decoded together, each with a KV cache of max_context
     device: str | None = None
-    weights: str = Field("auto", pattern="^(auto|quantized|fp16|fp32)$")
+    weights: str = Field("auto", pattern="^(auto|packed|quantized|fp16|fp32)$")
     beam: int = Field(0, ge=0)  # kernel search: slow first start, faster decoding (see tinygrad_backend --help)
     start_timeout_s: float = Field(600, gt=0)
 

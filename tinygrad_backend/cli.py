@@ -63,9 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tinygrad device (default: tinygrad's choice)")
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT,
                    help=f"tokens of context to allocate (default {DEFAULT_CONTEXT}, capped at the model's own)")
-    p.add_argument("--weights", choices=["auto", "quantized", "fp16", "fp32"], default="auto",
-                   help="keep the file's quantized weights (least memory), or dequantize once at load to fp16/fp32 "
-                        "(faster per token); auto: fp32 when that fits in 2 GiB")
+    p.add_argument("--weights", choices=["auto", "packed", "quantized", "fp16", "fp32"], default="auto",
+                   help="packed: 4- and 8-bit blocks read by Delegate's own CPU kernel (fastest on a CPU); quantized: "
+                        "the file's blocks dequantized by tinygrad in every matmul (least memory); fp16/fp32: "
+                        "dequantized once at load; auto: packed on the CPU, elsewhere fp32 when that fits in 2 GiB")
     p.add_argument("--beam", type=int, default=0, metavar="N",
                    help="search N kernel variants for each kernel (tinygrad's JITBEAM): faster decoding, minutes of "
                         "search on the first start, kept in tinygrad's cache for later ones (default 0: off)")

@@ -25,6 +25,8 @@ from tinygrad import Tensor, UOp, function
 from tinygrad.llm.model import Transformer, TransformerBlock, TransformerConfig, precompute_freqs_cis
 from tinygrad.uop.ops import resolve
 
+from tinygrad_backend.packed_weights import PackedBlock, PackedLinear
+
 
 class SlotForward:
     def __init__(self, net: Transformer, slots: int, chunk: int) -> None:
@@ -113,20 +115,33 @@ class SlotForward:
             @function(precompile=True, allow_implicit=True)
             def run(x: Tensor, *args: Tensor | UOp, block: TransformerBlock = block) -> Tensor:
                 B, T, _ = x.shape
-                a = attend(block, block.attn_norm(x), *args)  # (B, heads, T, head dim)
-                h = x + block.attn_output(a.transpose(1, 2).reshape(B, T, -1))
+                a = attend(block, x, *args)  # (B, heads, T, head dim) -> (B, T, heads * head dim)
+                # with one token the transpose moves nothing; leaving it out spares a copy kernel a block
+                a = a.reshape(B, T, -1) if T == 1 else a.transpose(1, 2).reshape(B, T, -1)
+                packed: PackedBlock | None = getattr(block, "packed", None)
+                if packed is not None:  # fused kernels: the norms and residual adds happen inside them
+                    return packed.feed_forward(packed.attn_output(a, residual=x), block.ffn_norm).contiguous()
+                h = x + block.attn_output(a)
                 return (h + block._feed_forward(block.ffn_norm(h))).contiguous()
             x = run(x, *args)
         # only one position's logits are wanted; contiguous gives the JIT an output buffer of its own
         x = x[:, -1, :] if last is None else x[:, last:last + 1, :].reshape(x.shape[0], -1)
+        packed_output: PackedLinear | None = getattr(net, "packed_output", None)
+        if packed_output is not None:
+            return packed_output(x, norm=net.output_norm).contiguous()
         return net.output(net.output_norm(x)).contiguous()
 
     def _qkv(self, block: TransformerBlock, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values as (B, heads, T, head dim), RoPE applied; as TransformerBlock._attention
-        (Llama, and Qwen2/Qwen3 with their qkv bias and q/k norms)."""
+        """Queries, keys and values of the block's input x (before its attention norm) as (B, heads, T, head dim),
+        RoPE applied; as TransformerBlock._attention (Llama, and Qwen2/Qwen3 with their qkv bias and q/k norms)."""
         c = self.config
         B, T, _ = x.shape
-        q, k, v = block.attn_q(x), block.attn_k(x), block.attn_v(x)
+        packed: PackedBlock | None = getattr(block, "packed", None)
+        if packed is not None:
+            q, k, v = packed.projections(x, block.attn_norm)
+        else:
+            x = block.attn_norm(x)
+            q, k, v = block.attn_q(x), block.attn_k(x), block.attn_v(x)
         if c.qk_norm and c.qk_norm != c.head_dim:
             q, k = block.attn_q_norm(q), block.attn_k_norm(k)
         q = q.reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)

@@ -56,6 +56,10 @@ class GGUFHeader:
     path: Path
     metadata: dict[str, Any]
     tensors: list[TensorInfo] = field(repr=False)
+    data_start: int = 0  # where the tensors' data begins in the file
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.tensors if t.name == name), None)
 
     @property
     def architecture(self) -> str:
@@ -156,7 +160,7 @@ def _parse(path: Path, cur: _Cursor) -> GGUFHeader:
                 f"{path} is truncated: tensor {t.name} needs bytes up to {end:,} but the file has {cur.size:,}"
             )
 
-    header = GGUFHeader(path, metadata, tensors)
+    header = GGUFHeader(path, metadata, tensors, data_start)
     _check_model(header)
     return header
 

@@ -23,26 +23,33 @@ from tinygrad.llm.model import Transformer
 
 from tinygrad_backend.forward import SlotForward
 from tinygrad_backend.gguf_file import GGUFHeader
+from tinygrad_backend.packed_weights import PackedBlock, PackedLinear, from_file, requantize
 
 PREFILL_CHUNK = 32  # prompt tokens per prefill call, always this many (the last chunk padded): one concrete shape
 
 
-WEIGHTS = ("auto", "quantized", "fp16", "fp32")
-AUTO_FP32_LIMIT = 2 << 30  # `auto` keeps fp32 weights up to this size, else the file's quantized ones
+WEIGHTS = ("auto", "packed", "quantized", "fp16", "fp32")
+AUTO_FP32_LIMIT = 2 << 30  # off the CPU, `auto` keeps fp32 weights up to this size, else the file's quantized ones
 
 
 def weight_mode(header: GGUFHeader, weights: str) -> str:
     if weights != "auto":
         return weights
-    params = sum(int(np.prod(t.shape)) for t in header.tensors)
-    return "fp32" if params * 4 <= AUTO_FP32_LIMIT else "quantized"
+    if Device.DEFAULT == "CPU":
+        return "packed"  # our CPU kernel for them is the fastest there (packed_weights.py)
+    return "fp32" if _parameter_count(header) * 4 <= AUTO_FP32_LIMIT else "quantized"
+
+
+def _parameter_count(header: GGUFHeader) -> int:
+    return sum(int(np.prod(t.shape)) for t in header.tensors)
 
 
 def _load(header: GGUFHeader, context: int, mode: str) -> Transformer:
     """`quantized` keeps the file's blocks and dequantizes inside every matmul (least memory); `fp16`/`fp32`
-    dequantize once at load and keep the result: more memory, much less work per token."""
+    dequantize once at load and keep the result: more memory, much less work per token; `packed` keeps the
+    linear layers in 4- or 8-bit blocks for our CPU kernel (packed_weights.py)."""
     half = os.environ.get("HALF")
-    os.environ["HALF"] = "0" if mode == "fp32" else "1"
+    os.environ["HALF"] = "0" if mode in ("fp32", "packed") else "1"
     getenv.cache_clear()  # type: ignore[attr-defined]  # tinygrad caches environment reads; from_gguf reads HALF
     try:
         # Transformer.__init__ fills every Linear with random values that from_gguf then replaces with the
@@ -56,7 +63,24 @@ def _load(header: GGUFHeader, context: int, mode: str) -> Transformer:
         else:
             os.environ["HALF"] = half
         getenv.cache_clear()  # type: ignore[attr-defined]
+    if mode == "packed":
+        _pack(net, header)
     return net
+
+
+def _pack(net: Transformer, header: GGUFHeader) -> None:
+    """Pack every dense block's linear layers, and the output layer; the fp32 weights they replace are
+    freed. The token embedding stays fp32: a lookup reads one row of it."""
+    for index, block in enumerate(net.blk):
+        packed = PackedBlock.build(block, header, index)
+        if packed is not None:
+            block.packed = packed  # type: ignore[attr-defined]  # forward.py looks for it
+            for name in PackedBlock.PROJECTIONS:
+                delattr(block, name)
+    weight = net.output.weight.float().numpy()
+    name = "output.weight" if header.tensor("output.weight") else "token_embd.weight"
+    net.packed_output = PackedLinear(from_file(header, name, weight) or requantize(weight), net.output.weight.device)  # type: ignore[attr-defined]
+    del net.output
 
 
 def _uninitialized(*shape: int, low: float = 0.0, high: float = 1.0, dtype: Any = None, **kwargs: Any) -> Tensor:
@@ -83,14 +107,13 @@ class Model:
         self.weights = weight_mode(header, weights)
         net = _load(header, context, self.weights)
         self._forward = SlotForward(net, slots, PREFILL_CHUNK)
-        params = _parameters(net)
         progress(f"weights loaded in {time.perf_counter() - start:.1f}s ({self.weights}, {slots} slot(s))")
         self.info = ModelInfo(
             name=header.name,
             architecture=header.architecture,
             device=Device.DEFAULT,
             max_context=context,
-            parameters=sum(int(p.numel()) for p in params),
+            parameters=_parameter_count(header),
             weight_bytes=header.path.stat().st_size,
         )
         self.slots = slots
@@ -202,9 +225,3 @@ class Model:
             self.step({0: seq + [0, 0], 1: [1, 0]})  # every slot
         self.forget()
         progress(f"kernels compiled in {time.perf_counter() - start:.1f}s")
-
-
-def _parameters(net: Transformer) -> list[Tensor]:
-    from tinygrad.nn.state import get_parameters
-
-    return get_parameters(net)

@@ -1,0 +1,426 @@
+"""Weights kept packed in blocks, and the CPU kernel that multiplies by them (`--weights packed`).
+
+A decode step reads every weight once, so on a CPU its speed is the bytes read per token: fp32 weights
+are 4 bytes each. Packed, a block of 32 weights is 32 4-bit or 8-bit steps plus an fp32 scale and offset,
+w = scale * q + offset:
+
+- 4-bit blocks are the GGUF file's own (Q4_0, Q4_1), taken into this layout exactly: 0.75 bytes a weight;
+- anything else (Q8_0, K-quants, f16) is requantized from the loaded fp32 weights to 8 bits with the
+  block's min and max: 1.25 bytes a weight, within half a step of 1/255 of the block's range.
+
+tinygrad 0.13.0's CPU code generator loads int8 a byte at a time and vectorizes at most 4 floats wide,
+which left such products at ~3-6 GFLOP/s here; ours is C compiled by tinygrad's clang and run by tinygrad
+as a custom kernel, so it sits in the same JIT graph as every other kernel. It also takes the work around
+the product that would otherwise be kernels of their own (each kernel launch costs ~10 us here, more with
+a second thread): the RMS norm before it, the residual add after it, and SiLU(gate) * up between the
+feed-forward's two products. Off the CPU the same blocks are dequantized inside ordinary tinygrad ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from tinygrad import Device, Tensor, UOp, dtypes, nn
+from tinygrad.device import Compiler
+from tinygrad.renderer.cstyle import ClangJITRenderer
+from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo
+
+from tinygrad_backend.gguf_file import GGUFHeader
+
+DeviceName = str | tuple[str, ...] | None  # as tinygrad's Tensor.device
+
+BLOCK = 32  # weights per scale and offset, as in the GGUF formats this model family ships in
+Q4_0, Q4_1 = 2, 3  # ggml type ids of the 4-bit blocks we take from the file as they are
+STACK_FLOATS = 1 << 16  # the kernel keeps normalized inputs and one dequantized weight row on its stack
+TWO_THREADS_FROM = 4 << 20  # multiply-adds; below this, handing half to tinygrad's second thread costs more than it saves
+
+
+@dataclass(frozen=True)
+class Packed:
+    """q: (rows, cols) int8 steps or (rows, cols / 2) uint8 nibble pairs; scale, offset: (rows, cols / BLOCK)
+    fp32. (GGUF keeps them as fp16, a fifth fewer bytes for a 4-bit row, but converting them in the kernel
+    measured slower here: the product is bound by its instructions more than by memory.)"""
+
+    bits: int
+    q: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        rows = self.scale.shape[0]
+        if self.bits == 8:
+            steps = self.q.reshape(rows, -1, BLOCK).astype(np.float32)
+        else:  # GGUF's nibble order: a block's 16 bytes hold weights 0-15 in their low and 16-31 in their high nibbles
+            pairs = self.q.reshape(rows, -1, BLOCK // 2)
+            steps = np.concatenate([pairs & 15, pairs >> 4], axis=-1).astype(np.float32)
+        scale, offset = self.scale.astype(np.float32), self.offset.astype(np.float32)
+        return (steps * scale[..., None] + offset[..., None]).reshape(rows, -1)
+
+
+def requantize(weight: np.ndarray) -> Packed:
+    """(rows, cols) fp32 -> 8-bit blocks with each block's min and max as the ends of its 255 steps."""
+    rows, cols = weight.shape
+    blocks = weight.reshape(rows, cols // BLOCK, BLOCK).astype(np.float32)
+    low, high = blocks.min(-1), blocks.max(-1)
+    scale = (high - low) / 255
+    offset = low + 128 * scale  # where step 0 lies
+    step = np.where(scale == 0, 1, scale)[..., None]
+    q = np.clip(np.rint((blocks - offset[..., None]) / step), -128, 127).astype(np.int8)
+    return Packed(8, q.reshape(rows, cols), scale.astype(np.float32), offset.astype(np.float32))
+
+
+def from_file(header: GGUFHeader, name: str, loaded: np.ndarray) -> Packed | None:
+    """The file's own 4-bit blocks of tensor `name`, if it has them and they reproduce `loaded` (the weight
+    as tinygrad loaded it: it reorders the rows of Llama's q and k projections for its RoPE layout)."""
+    info = header.tensor(name)
+    if info is None or info.ggml_type not in (Q4_0, Q4_1) or len(info.shape) != 2:
+        return None
+    cols, rows = info.shape
+    fields = [("d", "<f2")] + ([("m", "<f2")] if info.ggml_type == Q4_1 else []) + [("qs", "u1", (BLOCK // 2,))]
+    raw = np.memmap(header.path, dtype=np.dtype(fields), mode="r", offset=header.data_start + info.offset,
+                    shape=(rows, cols // BLOCK))
+    scale = raw["d"].astype(np.float32)
+    offset = raw["m"].astype(np.float32) if info.ggml_type == Q4_1 else -8 * scale
+    packed = Packed(4, np.ascontiguousarray(raw["qs"]).reshape(rows, -1), scale, offset)
+    for order in _row_orders(header, name, rows):
+        candidate = Packed(4, packed.q[order], scale[order], offset[order])
+        if np.allclose(candidate.dequantize(), loaded, rtol=1e-5, atol=1e-6):
+            return candidate
+    return None
+
+
+def _row_orders(header: GGUFHeader, name: str, rows: int) -> list[np.ndarray]:
+    """The file's row order, and tinygrad's RoPE reordering of it (Transformer.from_gguf): within each head,
+    rows (h two) -> (two h)."""
+    orders = [np.arange(rows)]
+    arch = header.architecture
+    heads_key = "attention.head_count" if name.endswith("attn_q.weight") else "attention.head_count_kv"
+    heads = int(header.metadata.get(f"{arch}.{heads_key}", 0))
+    if heads and rows % (2 * heads) == 0 and ("attn_q." in name or "attn_k." in name):
+        orders.append(np.arange(rows).reshape(heads, -1, 2).transpose(0, 2, 1).reshape(-1))
+    return orders
+
+
+class PackedLinear:
+    """A linear layer (no bias: callers add it) whose weight is packed; callable like tinygrad's nn.Linear."""
+
+    def __init__(self, packed: Packed, device: DeviceName) -> None:
+        self.bits = packed.bits
+        self.out_features = packed.scale.shape[0]
+        self.in_features = packed.scale.shape[1] * BLOCK
+        self.q = Tensor(packed.q, device=device).realize()
+        self.scale = Tensor(packed.scale, device=device).realize()
+        self.offset = Tensor(packed.offset, device=device).realize()
+        # decided here: tinygrad forbids touching devices while it traces the forward pass that calls us
+        self._compiler = _native_compiler(device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes()) for t in (self.q, self.scale, self.offset))
+
+    def __call__(self, x: Tensor, norm: nn.RMSNorm | None = None, residual: Tensor | None = None,
+                 glu: bool = False) -> Tensor:
+        """x (..., in) -> (..., out): norm(x) first if given, residual added after; with `glu`, the weight's
+        first half of rows is a gate and the second half an up projection, and the result SiLU(gate) * up."""
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features).float()
+        out_features = self.out_features // 2 if glu else self.out_features
+        flat_residual = None if residual is None else residual.reshape(-1, out_features).float()
+        count = int(rows.shape[0])
+        if self._compiler is not None and count * self.in_features <= STACK_FLOATS and self.in_features <= STACK_FLOATS:
+            out = _kernel(self, rows, norm, flat_residual, glu, self._compiler)
+        else:
+            out = self._tinygrad(rows if norm is None else norm(rows), glu)
+            out = out if flat_residual is None else out + flat_residual
+        return out.reshape(*lead, out_features)
+
+    def _tinygrad(self, x: Tensor, glu: bool) -> Tensor:
+        """The same product in plain tinygrad ops, for other devices: the blocks are dequantized in the matmul."""
+        if self.bits == 8:
+            steps = self.q.reshape(self.out_features, -1, BLOCK).float()
+        else:
+            pairs = self.q.reshape(self.out_features, -1, BLOCK // 2)
+            steps = (pairs.bitwise_and(15)).cat(pairs.rshift(4), dim=-1).float()
+        weight = (steps * self.scale.unsqueeze(-1) + self.offset.unsqueeze(-1)).reshape(self.out_features, -1)
+        out = x @ weight.T
+        if not glu:
+            return out
+        gate, up = out.chunk(2, dim=-1)
+        return gate.silu() * up
+
+
+class PackedBlock:
+    """A transformer block's linear layers, packed, as three kernels: norm + q, k and v in one product;
+    the attention output + residual; norm + SiLU(gate) * up; and the down projection + residual (four)."""
+
+    PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+    def __init__(self, parts: dict[str, Packed], biases: list[Tensor] | None, device: DeviceName) -> None:
+        qkv = [parts["attn_q"], parts["attn_k"], parts["attn_v"]]
+        gate_up = [parts["ffn_gate"], parts["ffn_up"]]
+        self.qkv_sizes = [p.scale.shape[0] for p in qkv]
+        self.qkv = PackedLinear(_stacked(qkv), device)
+        self.qkv_bias = None if biases is None else Tensor.cat(*biases).realize()
+        self.attn_output = PackedLinear(parts["attn_output"], device)
+        self.gate_up = PackedLinear(_stacked(gate_up), device)
+        self.ffn_down = PackedLinear(parts["ffn_down"], device)
+
+    @staticmethod
+    def build(block: object, header: GGUFHeader, index: int) -> PackedBlock | None:
+        """Pack `block` (tinygrad's TransformerBlock number `index`) if it is a dense one whose layers all fit."""
+        layers = {name: getattr(block, name, None) for name in PackedBlock.PROJECTIONS}
+        if not all(isinstance(lin, nn.Linear) and lin.weight.shape[1] % BLOCK == 0 for lin in layers.values()):
+            return None
+        linear = {name: lin for name, lin in layers.items() if isinstance(lin, nn.Linear)}
+        parts = {}
+        for name, lin in linear.items():
+            loaded = lin.weight.float().numpy()
+            parts[name] = from_file(header, f"blk.{index}.{name}.weight", loaded) or requantize(loaded)
+        biases = [linear[n].bias for n in ("attn_q", "attn_k", "attn_v")]
+        if any(b is not None for b in biases) and not all(b is not None for b in biases):
+            return None
+        return PackedBlock(parts, [b for b in biases if b is not None] or None, linear["attn_q"].weight.device)
+
+    def projections(self, x: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor, Tensor]:
+        qkv = self.qkv(x, norm=norm)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        return q, k, v
+
+    def feed_forward(self, h: Tensor, norm: nn.RMSNorm) -> Tensor:
+        """h + down(SiLU(gate(norm(h))) * up(norm(h)))."""
+        return self.ffn_down(self.gate_up(h, norm=norm, glu=True), residual=h)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(lin.nbytes for lin in (self.qkv, self.attn_output, self.gate_up, self.ffn_down))
+
+
+def _stacked(parts: list[Packed]) -> Packed:
+    """Several layers' rows as one weight; 4- and 8-bit parts cannot share a kernel, so then all are 8-bit."""
+    if len({p.bits for p in parts}) == 1:
+        return Packed(parts[0].bits, *(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scale", "offset")))
+    return _stacked([p if p.bits == 8 else requantize(p.dequantize()) for p in parts])
+
+
+def _native_compiler(device: DeviceName) -> Compiler | None:
+    """The compiler our C kernel needs: the CPU device's clang (not its LLVM or x86 back ends, nor a GPU's)."""
+    if not isinstance(device, str) or device.split(":")[0] != "CPU":
+        return None
+    renderer = Device[device].renderer
+    return renderer.compiler if isinstance(renderer, ClangJITRenderer) else None
+
+
+def _kernel(layer: PackedLinear, x: Tensor, norm: nn.RMSNorm | None, residual: Tensor | None, glu: bool,
+            compiler: Compiler) -> Tensor:
+    rows = int(x.shape[0])
+    out_features = layer.out_features // 2 if glu else layer.out_features
+    work = rows * layer.out_features * layer.in_features
+    threads = len(os.sched_getaffinity(0)) if work >= TWO_THREADS_FROM else 1
+    eps = None if norm is None else float(norm.eps)
+    name, source, binary = _compiled(compiler, _Shape(rows, layer.out_features, layer.in_features, layer.bits,
+                                                      threads, eps, residual is not None, glu))
+    inputs = [x, layer.q, layer.scale, layer.offset]
+    if norm is not None:
+        assert norm.weight is not None
+        inputs.append(norm.weight.float())
+    if residual is not None:
+        inputs.append(residual)
+
+    def program(*buffers: UOp) -> UOp:
+        # tinygrad runs the function once per thread, passing its index as the `core_id` variable
+        core = UOp.variable("core_id", 0, threads - 1)
+        sink = UOp.sink(*buffers, core, arg=KernelInfo(name=name))
+        info = ProgramInfo(name=name, global_size=(threads, 1, 1), local_size=None, vars=(core,),
+                           globals=tuple(range(len(buffers))), outs=(0,), ins=tuple(range(1, len(buffers))))
+        return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.DEVICE, arg=x.device), UOp(Ops.LINEAR, src=(*sink.src, sink)),
+                                     UOp(Ops.SOURCE, arg=source), UOp(Ops.BINARY, arg=binary)), arg=info)
+
+    out = Tensor.empty(rows, out_features, dtype=dtypes.float, device=x.device)
+    # as Tensor.custom_kernel, but without its .contiguous() on every input: inside a tinygrad function
+    # that copies the block's input (a parameter) in a kernel of its own, several times a block
+    srcs = (out.uop, *(_as_buffer(t.uop) for t in inputs))
+    call = program(*(UOp.placeholder_like(s, slot=i) for i, s in enumerate(srcs))).call(*srcs)
+    return Tensor(out.uop.after(call))
+
+
+def _as_buffer(u: UOp) -> UOp:
+    base = u
+    while base.op is Ops.RESHAPE:
+        base = base.src[0]
+    # GETTUPLE: the output of a tinygrad function (the previous block's)
+    return u if base.op in (Ops.PARAM, Ops.BUFFER, Ops.AFTER, Ops.GETTUPLE, Ops.CONTIGUOUS) else u.contiguous()
+
+
+@dataclass(frozen=True)
+class _Shape:
+    rows: int
+    out_features: int  # rows of the weight (both halves, with glu)
+    in_features: int
+    bits: int
+    threads: int
+    eps: float | None  # RMS norm first, with this epsilon
+    residual: bool
+    glu: bool
+
+
+@functools.cache
+def _compiled(compiler: Compiler, shape: _Shape) -> tuple[str, str, bytes]:
+    s = shape
+    name = (f"packed{s.bits}_{s.rows}_{s.out_features}_{s.in_features}{'_norm' if s.eps is not None else ''}"
+            f"{'_glu' if s.glu else ''}{'_res' if s.residual else ''}_t{s.threads}")
+    defines = {"ROWS": s.rows, "OUT": s.out_features, "IN": s.in_features, "BITS": s.bits, "THREADS": s.threads,
+               "NORM": int(s.eps is not None), "EPS": f"{s.eps or 0.0:.9g}f", "RESIDUAL": int(s.residual),
+               "GLU": int(s.glu)}
+    source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.replace("NAME", name)
+    return name, source, compiler.compile_cached(source)
+
+
+# Compiled once per shape and option set: constants let clang unroll and vectorize. Self-contained C (no
+# libc, not even expf), because tinygrad loads the object code into memory itself.
+_SOURCE = r"""
+typedef float f32x16 __attribute__((aligned(4), ext_vector_type(16)));
+typedef signed char i8x16 __attribute__((aligned(1), ext_vector_type(16)));
+typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));
+#define BLOCKS (IN / 32)
+#define BLOCK_BYTES (BITS == 4 ? 16 : 32)
+#define OUTPUTS (GLU ? OUT / 2 : OUT)
+
+static inline float sum16(f32x16 v) {
+  float s = 0;
+  for (int i = 0; i < 16; i++) s += v[i];
+  return s;
+}
+
+// the 32 steps of block b of a weight row, as two vectors of 16
+static inline void steps(const unsigned char* row, int b, f32x16* lo, f32x16* hi) {
+#if BITS == 4
+  u8x16 v = *(const u8x16*)(row + b * 16);
+  *lo = __builtin_convertvector(v & (unsigned char)15, f32x16);
+  *hi = __builtin_convertvector(v >> (unsigned char)4, f32x16);
+#else
+  *lo = __builtin_convertvector(*(const i8x16*)(row + b * 32), f32x16);
+  *hi = __builtin_convertvector(*(const i8x16*)(row + b * 32 + 16), f32x16);
+#endif
+}
+
+// e^x for SiLU: 2^(x log2 e), the integer part in the exponent bits, the fraction by a degree-6 polynomial
+static inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float t = x * 1.44269504089f;
+  float n = __builtin_floorf(t), f = t - n;
+  float p = 1.0f + f * (0.693147182f + f * (0.240226507f + f * (0.0555041087f + f * (0.00961812911f
+          + f * (0.00133335581f + f * 0.000154035304f)))));
+  union { float f; int i; } u = { p };
+  u.i += (int)n << 23;
+  return u.f;
+}
+
+// the products of weight row n with every row of x, into dot[ROWS]
+static inline void row_dots(int n, const unsigned char* restrict q, const float* restrict scale,
+                            const float* restrict offset, const float* restrict x, const float* restrict xsum,
+                            float* restrict dot) {
+  const unsigned char* row = q + (long)n * BLOCKS * BLOCK_BYTES;
+  const float* s = scale + (long)n * BLOCKS;
+  const float* o = offset + (long)n * BLOCKS;
+#if ROWS < 4
+  // few rows of x (decode): convert each block as it is used; the offsets multiply each block's sum of x.
+  // (Interleaving several weight rows, for more independent sums, measured slower here.)
+  for (int r = 0; r < ROWS; r++) {
+    const float* xr = x + r * IN;
+    f32x16 acc = 0;
+    float shift = 0;
+    for (int b = 0; b < BLOCKS; b++) {
+      f32x16 lo, hi;
+      steps(row, b, &lo, &hi);
+      acc += (lo * *(const f32x16*)(xr + b * 32) + hi * *(const f32x16*)(xr + b * 32 + 16)) * s[b];
+      shift += o[b] * xsum[r * BLOCKS + b];
+    }
+    dot[r] = sum16(acc) + shift;
+  }
+#else
+  // many rows of x (a prompt chunk): dequantize the weight row once, then use it for four rows of x at a time
+  float w[IN] __attribute__((aligned(64)));
+  for (int b = 0; b < BLOCKS; b++) {
+    f32x16 lo, hi;
+    steps(row, b, &lo, &hi);
+    float sb = s[b], ob = o[b];
+    *(f32x16*)(w + b * 32) = lo * sb + ob;
+    *(f32x16*)(w + b * 32 + 16) = hi * sb + ob;
+  }
+  int r = 0;
+  for (; r + 4 <= ROWS; r += 4) {
+    const float* x0 = x + r * IN;
+    f32x16 a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int k = 0; k < IN; k += 16) {
+      f32x16 wk = *(const f32x16*)(w + k);
+      a0 += wk * *(const f32x16*)(x0 + k);
+      a1 += wk * *(const f32x16*)(x0 + IN + k);
+      a2 += wk * *(const f32x16*)(x0 + 2 * IN + k);
+      a3 += wk * *(const f32x16*)(x0 + 3 * IN + k);
+    }
+    dot[r] = sum16(a0); dot[r + 1] = sum16(a1); dot[r + 2] = sum16(a2); dot[r + 3] = sum16(a3);
+  }
+  for (; r < ROWS; r++) {
+    f32x16 a = 0;
+    for (int k = 0; k < IN; k += 16) a += *(const f32x16*)(w + k) * *(const f32x16*)(x + r * IN + k);
+    dot[r] = sum16(a);
+  }
+#endif
+}
+
+void NAME(float* restrict out, const float* restrict x_in, const unsigned char* restrict q,
+          const float* restrict scale, const float* restrict offset,
+#if NORM
+          const float* restrict norm_weight,
+#endif
+#if RESIDUAL
+          const float* restrict residual,
+#endif
+          int core_id) {
+  // this thread's share of the outputs
+  const int per = (OUTPUTS + THREADS - 1) / THREADS, lo = core_id * per;
+  const int hi = lo + per < OUTPUTS ? lo + per : OUTPUTS;
+#if NORM
+  // RMS norm of each row of x, every thread for itself (IN multiply-adds a row, next to OUT * IN)
+  float x[ROWS * IN] __attribute__((aligned(64)));
+  for (int r = 0; r < ROWS; r++) {
+    float ss = 0;
+    for (int k = 0; k < IN; k++) ss += x_in[r * IN + k] * x_in[r * IN + k];
+    float inv = 1.0f / __builtin_sqrtf(ss / IN + EPS);
+    for (int k = 0; k < IN; k++) x[r * IN + k] = x_in[r * IN + k] * inv * norm_weight[k];
+  }
+#else
+  const float* x = x_in;
+#endif
+#if ROWS < 4
+  float xsum[ROWS * BLOCKS];
+  for (int r = 0; r < ROWS; r++)
+    for (int b = 0; b < BLOCKS; b++) {
+      f32x16 v = *(const f32x16*)(x + r * IN + b * 32) + *(const f32x16*)(x + r * IN + b * 32 + 16);
+      xsum[r * BLOCKS + b] = sum16(v);
+    }
+#else
+  const float* xsum = 0;
+#endif
+  float dot[ROWS], up[ROWS];
+  for (int n = lo; n < hi; n++) {
+    row_dots(n, q, scale, offset, x, xsum, dot);
+#if GLU
+    row_dots(n + OUTPUTS, q, scale, offset, x, xsum, up);
+    for (int r = 0; r < ROWS; r++) dot[r] = dot[r] / (1.0f + exp_approx(-dot[r])) * up[r];
+#endif
+    for (int r = 0; r < ROWS; r++) {
+#if RESIDUAL
+      out[(long)r * OUTPUTS + n] = residual[(long)r * OUTPUTS + n] + dot[r];
+#else
+      out[(long)r * OUTPUTS + n] = dot[r];
+#endif
+    }
+  }
+}
+"""
