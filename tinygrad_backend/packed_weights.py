@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Device, Tensor, UOp, dtypes, nn
 from tinygrad.device import Compiler
+from tinygrad.renderer import Estimates
 from tinygrad.renderer.cstyle import ClangJITRenderer
 from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo
 
@@ -231,10 +232,15 @@ def _kernel(layer: PackedLinear, x: Tensor, norm: nn.RMSNorm | None, residual: T
     if residual is not None:
         inputs.append(residual)
 
+    # for tinygrad's counters (DEBUG=2's GFLOPS and GB/s, bench-backend's bytes read per token)
+    weight_bytes = sum(int(t.nbytes()) for t in (layer.q, layer.scale, layer.offset))
+    activations = 4 * (rows * layer.in_features + rows * out_features * (2 if residual is not None else 1))
+    estimates = Estimates(ops=2 * work, lds=weight_bytes + activations, mem=weight_bytes + activations)
+
     def program(*buffers: UOp) -> UOp:
         # tinygrad runs the function once per thread, passing its index as the `core_id` variable
         core = UOp.variable("core_id", 0, threads - 1)
-        sink = UOp.sink(*buffers, core, arg=KernelInfo(name=name))
+        sink = UOp.sink(*buffers, core, arg=KernelInfo(name=name, estimates=estimates))
         info = ProgramInfo(name=name, global_size=(threads, 1, 1), local_size=None, vars=(core,),
                            globals=tuple(range(len(buffers))), outs=(0,), ins=tuple(range(1, len(buffers))))
         return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.DEVICE, arg=x.device), UOp(Ops.LINEAR, src=(*sink.src, sink)),
