@@ -25,6 +25,7 @@ from tinygrad import Tensor, UOp, function
 from tinygrad.llm.model import Transformer, TransformerBlock, TransformerConfig, precompute_freqs_cis
 from tinygrad.uop.ops import resolve
 
+from tinygrad_backend.decode_attention import DecodeAttention
 from tinygrad_backend.packed_weights import PackedBlock, PackedLinear
 
 
@@ -45,13 +46,19 @@ class SlotForward:
             # (keys and values, slot, kv head, position, head dim); zeros, realized, so the JITs capture real buffers
             block.cache_kv = Tensor.zeros(2, slots, c.n_kv_heads, room, c.head_dim,
                                           device=self.freqs.device).contiguous().realize()
+        # one kernel of ours for a decode step's attention, where it can run (the CPU)
+        self.decode_attention = DecodeAttention(c, slots, room, self.freqs.device)
 
-    def one_sequence(self, tokens: Tensor, slot: UOp, start_pos: UOp, last: UOp | None = None) -> Tensor:
+    def one_sequence(self, tokens: Tensor, slot: UOp, start_pos: UOp, last: UOp | None = None,
+                     where: Tensor | None = None) -> Tensor:
         """tokens (1, T) of the sequence in `slot`, the first at `start_pos`: logits after token `last` (default
         the last), (1, vocab). Tokens after `last` are padding: they only fill cache positions that the
-        sequence's next tokens overwrite, and no earlier token attends to them."""
+        sequence's next tokens overwrite, and no earlier token attends to them. For one token, `where` is
+        [[slot, start_pos]] as an int32 tensor, for the decode attention kernel."""
         T = tokens.shape[1]
         if not resolve(T != 1):
+            if where is not None and self.decode_attention.available:
+                return self._run(tokens, self._attend_decode, where)
             return self._run(tokens, self._attend_one, slot, start_pos, last=last)
         # causal, lower-right aligned: token i of the chunk sees the cache up to start_pos + i. Built once for
         # all blocks, from a comparison: Tensor.triu costs O(context^2) work, in every block
@@ -60,9 +67,12 @@ class SlotForward:
         mask = unseen.where(float("-inf"), 0.0).contiguous()
         return self._run(tokens, self._attend_one, slot, start_pos, mask, last=last)
 
-    def every_slot(self, tokens: Tensor, positions: Tensor, length: UOp, *slot_positions: UOp) -> Tensor:
+    def every_slot(self, tokens: Tensor, positions: Tensor, where: Tensor, length: UOp, *slot_positions: UOp) -> Tensor:
         """One token per slot, tokens (slots, 1), slot i's at `slot_positions[i]` (also given as the int
-        tensor `positions`, for the mask); `length` is max(positions) + 1. Logits, (slots, vocab)."""
+        tensor `positions`, for the mask, and as rows [i, position] of `where`, for the decode attention
+        kernel); `length` is max(positions) + 1. Logits, (slots, vocab)."""
+        if self.decode_attention.available:
+            return self._run(tokens, self._attend_decode, where)
         S = self.slots
         # a slot sees its own cache up to its own position; positions past it hold stale tokens
         mask = (Tensor.arange(length, device=tokens.device).reshape(1, 1, 1, 1, length) > positions.reshape(S, 1, 1, 1, 1)) \
@@ -88,11 +98,22 @@ class SlotForward:
         length = mask.shape[-1]
         return self._attention(q, kv[0, :, :, 0:length, :], kv[1, :, :, 0:length, :], mask)
 
+    def _attend_decode(self, block: TransformerBlock, x: Tensor, where: Tensor) -> Tensor:
+        B, T, _ = x.shape  # T == 1
+        packed: PackedBlock | None = getattr(block, "packed", None)
+        if packed is not None and not self.config.qk_norm:
+            qkv = packed.flat_projections(x, block.attn_norm)
+        else:
+            q, k, v = self._projections(block, x)
+            qkv = q.cat(k, v, dim=-1)
+        return self.decode_attention(qkv.reshape(B * T, -1), block.cache_kv, self.freqs, where).reshape(B, T, -1)
+
     def _attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
         """Scaled dot-product attention with grouped query heads: q (B, heads, T, head dim) against keys and
         values (B, kv heads, L, head dim), without copying keys and values once per query head as
         Tensor.scaled_dot_product_attention(enable_gqa=True) does: that copy made each prompt chunk cost
-        1.2 ms more per token of context. `mask` broadcasts to (B, kv heads, group, T, L)."""
+        1.2 ms more per token of context. `mask` broadcasts to (B, kv heads, group, T, L). Returns
+        (B, T, heads * head dim)."""
         B, H, T, D = q.shape
         kv_heads = keys.shape[1]
         group = H // kv_heads
@@ -104,7 +125,9 @@ class SlotForward:
         scores = scores.reshape(B, kv_heads, group, T, -1)
         if mask is not None:
             scores = scores + mask
-        return (scores.softmax(-1) @ values.unsqueeze(2)).reshape(B, H, T, D)
+        out = (scores.softmax(-1) @ values.unsqueeze(2)).reshape(B, H, T, D)
+        # with one token the transpose moves nothing; leaving it out spares a copy kernel a block
+        return out.reshape(B, T, H * D) if T == 1 else out.transpose(1, 2).reshape(B, T, H * D)
 
     def _run(self, tokens: Tensor, attend: Callable[..., Tensor], *args: Tensor | UOp, last: UOp | None = None) -> Tensor:
         net = self.net
@@ -115,9 +138,7 @@ class SlotForward:
             @function(precompile=True, allow_implicit=True)
             def run(x: Tensor, *args: Tensor | UOp, block: TransformerBlock = block) -> Tensor:
                 B, T, _ = x.shape
-                a = attend(block, x, *args)  # (B, heads, T, head dim) -> (B, T, heads * head dim)
-                # with one token the transpose moves nothing; leaving it out spares a copy kernel a block
-                a = a.reshape(B, T, -1) if T == 1 else a.transpose(1, 2).reshape(B, T, -1)
+                a = attend(block, x, *args)  # (B, T, heads * head dim)
                 packed: PackedBlock | None = getattr(block, "packed", None)
                 if packed is not None:  # fused kernels: the norms and residual adds happen inside them
                     return packed.feed_forward(packed.attn_output(a, residual=x), block.ffn_norm).contiguous()
@@ -133,7 +154,18 @@ class SlotForward:
 
     def _qkv(self, block: TransformerBlock, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values of the block's input x (before its attention norm) as (B, heads, T, head dim),
-        RoPE applied; as TransformerBlock._attention (Llama, and Qwen2/Qwen3 with their qkv bias and q/k norms)."""
+        RoPE applied."""
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self._projections(block, x)
+        q = q.reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        return _rope(q, freqs, c.rope_dim), _rope(k, freqs, c.rope_dim), v
+
+    def _projections(self, block: TransformerBlock, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values as (B, T, features), before RoPE; as TransformerBlock._attention (Llama,
+        and Qwen2/Qwen3 with their qkv bias and q/k norms)."""
         c = self.config
         B, T, _ = x.shape
         packed: PackedBlock | None = getattr(block, "packed", None)
@@ -144,12 +176,10 @@ class SlotForward:
             q, k, v = block.attn_q(x), block.attn_k(x), block.attn_v(x)
         if c.qk_norm and c.qk_norm != c.head_dim:
             q, k = block.attn_q_norm(q), block.attn_k_norm(k)
-        q = q.reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
-        k = k.reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        if c.qk_norm == c.head_dim:
-            q, k = block.attn_q_norm(q), block.attn_k_norm(k)
-        return _rope(q, freqs, c.rope_dim), _rope(k, freqs, c.rope_dim), v
+        if c.qk_norm == c.head_dim:  # per head
+            q = block.attn_q_norm(q.reshape(B, T, c.n_heads, c.head_dim)).reshape(B, T, -1)
+            k = block.attn_k_norm(k.reshape(B, T, c.n_kv_heads, c.head_dim)).reshape(B, T, -1)
+        return q, k, v
 
 
 def _rope(x: Tensor, freqs: Tensor, rope_dim: int) -> Tensor:

@@ -163,7 +163,8 @@ class Model:
             n = min(PREFILL_CHUNK, end - pos)
             sp = self._start.bind(pos)
             if n == 1:
-                out = self._token(Tensor([tokens[pos:pos + 1]], dtype="int32"), s, sp)
+                where = Tensor([[slot, pos]], dtype="int32")
+                out = self._token(Tensor([tokens[pos:pos + 1]], dtype="int32"), s, sp, None, where)
             else:
                 chunk = tokens[pos:pos + n] + [0] * (PREFILL_CHUNK - n)
                 out = self._chunk(Tensor([chunk], dtype="int32"), s, sp, self._last.bind(n - 1))
@@ -200,9 +201,11 @@ class Model:
                 raise ValueError(f"slot {slot}: a decode step feeds exactly one token the cache lacks")
             positions.append(len(seq) - 1)
             tokens.append(seq[-1])
+        where = np.stack([np.arange(self.slots), positions], axis=1).astype(np.int32)
         out = self._every(
             Tensor(np.array(tokens, dtype=np.int32).reshape(-1, 1)), Tensor(np.array(positions, dtype=np.int32)),
-            self._length.bind(max(positions) + 1), *[v.bind(p) for v, p in zip(self._positions, positions, strict=True)],
+            Tensor(where), self._length.bind(max(positions) + 1),
+            *[v.bind(p) for v, p in zip(self._positions, positions, strict=True)],
         ).realize()
         logits = out.numpy()
         for slot, seq in sequences.items():

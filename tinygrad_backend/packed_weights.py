@@ -18,25 +18,20 @@ feed-forward's two products. Off the CPU the same blocks are dequantized inside 
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
 import numpy as np
-from tinygrad import Device, Tensor, UOp, dtypes, nn
+from tinygrad import Tensor, dtypes, nn
 from tinygrad.device import Compiler
 from tinygrad.renderer import Estimates
-from tinygrad.renderer.cstyle import ClangJITRenderer
-from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo
 
+from tinygrad_backend.cpu_kernel import C_HELPERS, TWO_THREADS_FROM, DeviceName, Kernel, compile_kernel, compiler_for, run
 from tinygrad_backend.gguf_file import GGUFHeader
-
-DeviceName = str | tuple[str, ...] | None  # as tinygrad's Tensor.device
 
 BLOCK = 32  # weights per scale and offset, as in the GGUF formats this model family ships in
 Q4_0, Q4_1 = 2, 3  # ggml type ids of the 4-bit blocks we take from the file as they are
 STACK_FLOATS = 1 << 16  # the kernel keeps normalized inputs and one dequantized weight row on its stack
-TWO_THREADS_FROM = 4 << 20  # multiply-adds; below this, handing half to tinygrad's second thread costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -116,7 +111,7 @@ class PackedLinear:
         self.scale = Tensor(packed.scale, device=device).realize()
         self.offset = Tensor(packed.offset, device=device).realize()
         # decided here: tinygrad forbids touching devices while it traces the forward pass that calls us
-        self._compiler = _native_compiler(device)
+        self._compiler = compiler_for(device)
 
     @property
     def nbytes(self) -> int:
@@ -185,11 +180,13 @@ class PackedBlock:
             return None
         return PackedBlock(parts, [b for b in biases if b is not None] or None, linear["attn_q"].weight.device)
 
-    def projections(self, x: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor, Tensor]:
+    def flat_projections(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
+        """q, k and v of norm(x), side by side in the last dimension."""
         qkv = self.qkv(x, norm=norm)
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        return qkv if self.qkv_bias is None else qkv + self.qkv_bias
+
+    def projections(self, x: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.flat_projections(x, norm).split(self.qkv_sizes, dim=-1)
         return q, k, v
 
     def feed_forward(self, h: Tensor, norm: nn.RMSNorm) -> Tensor:
@@ -208,14 +205,6 @@ def _stacked(parts: list[Packed]) -> Packed:
     return _stacked([p if p.bits == 8 else requantize(p.dequantize()) for p in parts])
 
 
-def _native_compiler(device: DeviceName) -> Compiler | None:
-    """The compiler our C kernel needs: the CPU device's clang (not its LLVM or x86 back ends, nor a GPU's)."""
-    if not isinstance(device, str) or device.split(":")[0] != "CPU":
-        return None
-    renderer = Device[device].renderer
-    return renderer.compiler if isinstance(renderer, ClangJITRenderer) else None
-
-
 def _kernel(layer: PackedLinear, x: Tensor, norm: nn.RMSNorm | None, residual: Tensor | None, glu: bool,
             compiler: Compiler) -> Tensor:
     rows = int(x.shape[0])
@@ -223,43 +212,19 @@ def _kernel(layer: PackedLinear, x: Tensor, norm: nn.RMSNorm | None, residual: T
     work = rows * layer.out_features * layer.in_features
     threads = len(os.sched_getaffinity(0)) if work >= TWO_THREADS_FROM else 1
     eps = None if norm is None else float(norm.eps)
-    name, source, binary = _compiled(compiler, _Shape(rows, layer.out_features, layer.in_features, layer.bits,
-                                                      threads, eps, residual is not None, glu))
+    kernel = _compiled(compiler, _Shape(rows, layer.out_features, layer.in_features, layer.bits, threads, eps,
+                                        residual is not None, glu))
     inputs = [x, layer.q, layer.scale, layer.offset]
     if norm is not None:
         assert norm.weight is not None
         inputs.append(norm.weight.float())
     if residual is not None:
         inputs.append(residual)
-
     # for tinygrad's counters (DEBUG=2's GFLOPS and GB/s, bench-backend's bytes read per token)
     weight_bytes = sum(int(t.nbytes()) for t in (layer.q, layer.scale, layer.offset))
     activations = 4 * (rows * layer.in_features + rows * out_features * (2 if residual is not None else 1))
     estimates = Estimates(ops=2 * work, lds=weight_bytes + activations, mem=weight_bytes + activations)
-
-    def program(*buffers: UOp) -> UOp:
-        # tinygrad runs the function once per thread, passing its index as the `core_id` variable
-        core = UOp.variable("core_id", 0, threads - 1)
-        sink = UOp.sink(*buffers, core, arg=KernelInfo(name=name, estimates=estimates))
-        info = ProgramInfo(name=name, global_size=(threads, 1, 1), local_size=None, vars=(core,),
-                           globals=tuple(range(len(buffers))), outs=(0,), ins=tuple(range(1, len(buffers))))
-        return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.DEVICE, arg=x.device), UOp(Ops.LINEAR, src=(*sink.src, sink)),
-                                     UOp(Ops.SOURCE, arg=source), UOp(Ops.BINARY, arg=binary)), arg=info)
-
-    out = Tensor.empty(rows, out_features, dtype=dtypes.float, device=x.device)
-    # as Tensor.custom_kernel, but without its .contiguous() on every input: inside a tinygrad function
-    # that copies the block's input (a parameter) in a kernel of its own, several times a block
-    srcs = (out.uop, *(_as_buffer(t.uop) for t in inputs))
-    call = program(*(UOp.placeholder_like(s, slot=i) for i, s in enumerate(srcs))).call(*srcs)
-    return Tensor(out.uop.after(call))
-
-
-def _as_buffer(u: UOp) -> UOp:
-    base = u
-    while base.op is Ops.RESHAPE:
-        base = base.src[0]
-    # GETTUPLE: the output of a tinygrad function (the previous block's)
-    return u if base.op in (Ops.PARAM, Ops.BUFFER, Ops.AFTER, Ops.GETTUPLE, Ops.CONTIGUOUS) else u.contiguous()
+    return run(kernel, Tensor.empty(rows, out_features, dtype=dtypes.float, device=x.device), inputs, estimates)
 
 
 @dataclass(frozen=True)
@@ -274,33 +239,22 @@ class _Shape:
     glu: bool
 
 
-@functools.cache
-def _compiled(compiler: Compiler, shape: _Shape) -> tuple[str, str, bytes]:
-    s = shape
+def _compiled(compiler: Compiler, s: _Shape) -> Kernel:
     name = (f"packed{s.bits}_{s.rows}_{s.out_features}_{s.in_features}{'_norm' if s.eps is not None else ''}"
             f"{'_glu' if s.glu else ''}{'_res' if s.residual else ''}_t{s.threads}")
     defines = {"ROWS": s.rows, "OUT": s.out_features, "IN": s.in_features, "BITS": s.bits, "THREADS": s.threads,
                "NORM": int(s.eps is not None), "EPS": f"{s.eps or 0.0:.9g}f", "RESIDUAL": int(s.residual),
                "GLU": int(s.glu)}
-    source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.replace("NAME", name)
-    return name, source, compiler.compile_cached(source)
+    source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + C_HELPERS + _SOURCE.replace("NAME", name)
+    return compile_kernel(compiler, name, source, s.threads)
 
 
 # Compiled once per shape and option set: constants let clang unroll and vectorize. Self-contained C (no
 # libc, not even expf), because tinygrad loads the object code into memory itself.
 _SOURCE = r"""
-typedef float f32x16 __attribute__((aligned(4), ext_vector_type(16)));
-typedef signed char i8x16 __attribute__((aligned(1), ext_vector_type(16)));
-typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));
 #define BLOCKS (IN / 32)
 #define BLOCK_BYTES (BITS == 4 ? 16 : 32)
 #define OUTPUTS (GLU ? OUT / 2 : OUT)
-
-static inline float sum16(f32x16 v) {
-  float s = 0;
-  for (int i = 0; i < 16; i++) s += v[i];
-  return s;
-}
 
 // the 32 steps of block b of a weight row, as two vectors of 16
 static inline void steps(const unsigned char* row, int b, f32x16* lo, f32x16* hi) {
@@ -312,18 +266,6 @@ static inline void steps(const unsigned char* row, int b, f32x16* lo, f32x16* hi
   *lo = __builtin_convertvector(*(const i8x16*)(row + b * 32), f32x16);
   *hi = __builtin_convertvector(*(const i8x16*)(row + b * 32 + 16), f32x16);
 #endif
-}
-
-// e^x for SiLU: 2^(x log2 e), the integer part in the exponent bits, the fraction by a degree-6 polynomial
-static inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float t = x * 1.44269504089f;
-  float n = __builtin_floorf(t), f = t - n;
-  float p = 1.0f + f * (0.693147182f + f * (0.240226507f + f * (0.0555041087f + f * (0.00961812911f
-          + f * (0.00133335581f + f * 0.000154035304f)))));
-  union { float f; int i; } u = { p };
-  u.i += (int)n << 23;
-  return u.f;
 }
 
 // the products of weight row n with every row of x, into dot[ROWS]

@@ -81,3 +81,13 @@ def test_prompt_chunks_padded_to_full_length_give_the_logits_of_one_token_at_a_t
     one_by_one = [model.next_logits(seq, 0), model.next_logits(seq + [42], 0)]
     for a, b in zip(chunked, one_by_one, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_the_cpu_runs_our_kernels_so_the_tests_above_check_them(model: Model) -> None:
+    """On the CPU `auto` means packed weights, the file's own 4-bit blocks, and our decode attention kernel:
+    the agreement and equality checks above are of those, not of a fallback."""
+    assert model.weights == "packed"
+    forward = model._forward
+    assert forward.decode_attention.available
+    packed = getattr(forward.blocks[0], "packed", None)
+    assert packed is not None and packed.qkv.bits == 4 and packed.gate_up.bits == 4

@@ -1,0 +1,107 @@
+"""Our own C kernels, run by tinygrad on its CPU device as part of its graph (captured by TinyJit like any
+other kernel).
+
+tinygrad compiles the C with its clang (-O2 -march=native), loads the object code into memory itself and
+calls the function with one pointer per buffer, then one int per variable; with several threads it calls
+it once per thread with the thread's index as `core_id`. So the C must be self-contained (no libc, no
+libm) and split its work by `core_id`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tinygrad import Device, Tensor, UOp
+from tinygrad.renderer import Estimates
+from tinygrad.renderer.cstyle import ClangJITRenderer
+from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo
+
+if TYPE_CHECKING:
+    from tinygrad.device import Compiler
+
+DeviceName = str | tuple[str, ...] | None  # as tinygrad's Tensor.device
+
+# A kernel launch costs ~10 us here; handing a share to tinygrad's second thread costs more, so only big
+# kernels (in multiply-adds) use it
+TWO_THREADS_FROM = 4 << 20
+
+
+def compiler_for(device: DeviceName) -> Compiler | None:
+    """The compiler our kernels need: the CPU device's clang (not its LLVM or x86 back ends, nor a GPU's).
+    None where they cannot run; callers then use plain tinygrad ops."""
+    if not isinstance(device, str) or device.split(":")[0] != "CPU":
+        return None
+    renderer = Device[device].renderer
+    return renderer.compiler if isinstance(renderer, ClangJITRenderer) else None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    source: str
+    binary: bytes
+    threads: int
+
+
+@functools.cache
+def compile_kernel(compiler: Compiler, name: str, source: str, threads: int) -> Kernel:
+    return Kernel(name, source, compiler.compile_cached(source), threads)
+
+
+def run(kernel: Kernel, out: Tensor, inputs: list[Tensor], estimates: Estimates, written: tuple[int, ...] = ()) -> Tensor:
+    """out after the kernel ran on (out, *inputs): the C function's pointer arguments, in that order.
+    `written`: indexes into inputs that the kernel also writes (a KV cache)."""
+    threads = kernel.threads
+
+    def program(*buffers: UOp) -> UOp:
+        core = UOp.variable("core_id", 0, threads - 1)
+        sink = UOp.sink(*buffers, core, arg=KernelInfo(name=kernel.name, estimates=estimates))
+        outs = (0, *(i + 1 for i in written))
+        info = ProgramInfo(name=kernel.name, global_size=(threads, 1, 1), local_size=None, vars=(core,),
+                           globals=tuple(range(len(buffers))), outs=outs,
+                           ins=tuple(i for i in range(1, len(buffers)) if i not in outs))
+        return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.DEVICE, arg=out.device), UOp(Ops.LINEAR, src=(*sink.src, sink)),
+                                     UOp(Ops.SOURCE, arg=kernel.source), UOp(Ops.BINARY, arg=kernel.binary)), arg=info)
+
+    # as Tensor.custom_kernel, but without its .contiguous() on every input: inside a tinygrad function
+    # that copies the block's input (a parameter) in a kernel of its own, several times a block
+    srcs = (out.uop, *(_as_buffer(t.uop) for t in inputs))
+    call = program(*(UOp.placeholder_like(s, slot=i) for i, s in enumerate(srcs))).call(*srcs)
+    return Tensor(out.uop.after(call))
+
+
+def _as_buffer(u: UOp) -> UOp:
+    """u itself where it already is a whole buffer (or a reshape of one), else a copy into one."""
+    base = u
+    while base.op is Ops.RESHAPE:
+        base = base.src[0]
+    # GETTUPLE: the output of a tinygrad function (the previous block's)
+    return u if base.op in (Ops.PARAM, Ops.BUFFER, Ops.AFTER, Ops.GETTUPLE, Ops.CONTIGUOUS) else u.contiguous()
+
+
+# helpers our C sources share
+C_HELPERS = r"""
+typedef float f32x16 __attribute__((aligned(4), ext_vector_type(16)));
+typedef signed char i8x16 __attribute__((aligned(1), ext_vector_type(16)));
+typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));
+
+static inline float sum16(f32x16 v) {
+  float s = 0;
+  for (int i = 0; i < 16; i++) s += v[i];
+  return s;
+}
+
+// e^x (no libm): 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6 polynomial
+static inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float t = x * 1.44269504089f;
+  float n = __builtin_floorf(t), f = t - n;
+  float p = 1.0f + f * (0.693147182f + f * (0.240226507f + f * (0.0555041087f + f * (0.00961812911f
+          + f * (0.00133335581f + f * 0.000154035304f)))));
+  union { float f; int i; } u = { p };
+  u.i += (int)n << 23;
+  return u.f;
+}
+"""
