@@ -9,6 +9,7 @@ engine's) calls this object.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from unittest import mock
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp
+from tinygrad.device import LRUAllocator
 from tinygrad.helpers import getenv
 from tinygrad.llm.model import Transformer
 
@@ -81,6 +83,11 @@ def _pack(net: Transformer, header: GGUFHeader) -> None:
     name = "output.weight" if header.tensor("output.weight") else "token_embd.weight"
     net.packed_output = PackedLinear(from_file(header, name, weight) or requantize(weight), net.output.weight.device)  # type: ignore[attr-defined]
     del net.output
+    # tinygrad's allocator keeps freed buffers for reuse; give the fp32 weights' memory back to the system
+    gc.collect()
+    allocator = Device[net.token_embd.weight.device].allocator
+    if isinstance(allocator, LRUAllocator):
+        allocator.free_cache()
 
 
 def _uninitialized(*shape: int, low: float = 0.0, high: float = 1.0, dtype: Any = None, **kwargs: Any) -> Tensor:

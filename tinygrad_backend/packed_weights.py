@@ -58,6 +58,8 @@ class Packed:
 
 def requantize(weight: np.ndarray) -> Packed:
     """(rows, cols) fp32 -> 8-bit blocks with each block's min and max as the ends of its 255 steps."""
+    if weight.shape[0] > 4096:  # in parts: the temporaries of a 49152-row output layer would be ~0.5 GB
+        return _stacked([requantize(weight[i:i + 4096]) for i in range(0, weight.shape[0], 4096)])
     rows, cols = weight.shape
     blocks = weight.reshape(rows, cols // BLOCK, BLOCK).astype(np.float32)
     low, high = blocks.min(-1), blocks.max(-1)
