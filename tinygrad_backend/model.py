@@ -85,7 +85,8 @@ def _pack(net: Transformer, header: GGUFHeader) -> None:
     del net.output
     # tinygrad's allocator keeps freed buffers for reuse; give the fp32 weights' memory back to the system
     gc.collect()
-    allocator = Device[net.token_embd.weight.device].allocator
+    device = net.token_embd.weight.device
+    allocator = Device[device].allocator if isinstance(device, str) else None
     if isinstance(allocator, LRUAllocator):
         allocator.free_cache()
 
