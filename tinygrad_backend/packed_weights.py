@@ -255,6 +255,7 @@ def _compiled(compiler: Compiler, s: _Shape) -> Kernel:
 # libc, not even expf), because tinygrad loads the object code into memory itself.
 _SOURCE = r"""
 #define BLOCKS (IN / 32)
+#define FEW 8  // rows of x up to which each weight block is converted as it is used, else a whole row first
 #define BLOCK_BYTES (BITS == 4 ? 16 : 32)
 #define OUTPUTS (GLU ? OUT / 2 : OUT)
 
@@ -277,21 +278,22 @@ static inline void row_dots(int n, const unsigned char* restrict q, const float*
   const unsigned char* row = q + (long)n * BLOCKS * BLOCK_BYTES;
   const float* s = scale + (long)n * BLOCKS;
   const float* o = offset + (long)n * BLOCKS;
-#if ROWS < 4
-  // few rows of x (decode): convert each block as it is used; the offsets multiply each block's sum of x.
-  // (Interleaving several weight rows, for more independent sums, measured slower here.)
-  for (int r = 0; r < ROWS; r++) {
-    const float* xr = x + r * IN;
-    f32x16 acc = 0;
-    float shift = 0;
-    for (int b = 0; b < BLOCKS; b++) {
-      f32x16 lo, hi;
-      steps(row, b, &lo, &hi);
-      acc += (lo * *(const f32x16*)(xr + b * 32) + hi * *(const f32x16*)(xr + b * 32 + 16)) * s[b];
-      shift += o[b] * xsum[r * BLOCKS + b];
+#if ROWS <= FEW
+  // few rows of x (decode, one per slot): convert each block once, as it is used, for every row of x; the
+  // offsets multiply each block's sum of x. (Interleaving several weight rows measured slower here.)
+  f32x16 acc[ROWS];
+  float shift[ROWS];
+  for (int r = 0; r < ROWS; r++) { acc[r] = 0; shift[r] = 0; }
+  for (int b = 0; b < BLOCKS; b++) {
+    f32x16 lo, hi;
+    steps(row, b, &lo, &hi);
+    for (int r = 0; r < ROWS; r++) {
+      const float* xr = x + r * IN + b * 32;
+      acc[r] += (lo * *(const f32x16*)xr + hi * *(const f32x16*)(xr + 16)) * s[b];
+      shift[r] += o[b] * xsum[r * BLOCKS + b];
     }
-    dot[r] = sum16(acc) + shift;
   }
+  for (int r = 0; r < ROWS; r++) dot[r] = sum16(acc[r]) + shift[r];
 #else
   // many rows of x (a prompt chunk): dequantize the weight row once, then use it for four rows of x at a time
   float w[IN] __attribute__((aligned(64)));
@@ -347,7 +349,7 @@ void NAME(float* restrict out, const float* restrict x_in, const unsigned char* 
 #else
   const float* x = x_in;
 #endif
-#if ROWS < 4
+#if ROWS <= FEW
   float xsum[ROWS * BLOCKS];
   for (int r = 0; r < ROWS; r++)
     for (int b = 0; b < BLOCKS; b++) {

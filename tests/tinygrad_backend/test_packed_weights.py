@@ -46,10 +46,11 @@ def test_requantized_blocks_stay_within_half_a_step_of_the_weights() -> None:
 
 
 @pytest.mark.parametrize("make", [four_bit, eight_bit], ids=["4-bit", "8-bit"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 6, 32])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 10, 32])
 @pytest.mark.parametrize("options", ["plain", "norm", "residual", "norm+glu", "norm+glu+residual"])
 def test_kernel_gives_the_plain_product(make, rows: int, options: str) -> None:  # type: ignore[no-untyped-def]
-    """Decode (1-3 rows of x), batched and prompt-chunk shapes (4+: the dequantize-a-row path, with a remainder)."""
+    """Decode shapes (a row of x per slot: up to 8 convert each block as used) and prompt chunks (more: a
+    dequantized weight row for four rows of x at a time, and the remainder)."""
     glu = "glu" in options
     packed = make(2 * 40 if glu else 40, 96)
     layer = PackedLinear(packed, "CPU")
