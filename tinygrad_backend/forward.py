@@ -8,11 +8,13 @@ and write the attention ourselves:
 - `one_sequence` feeds T tokens of one sequence into its slot at `start_pos` (a 32-token prompt chunk, or
   one token when only one sequence is running);
 - `every_slot` feeds one token to every slot, each at its own position: one decode step for all running
-  sequences, reading the weights once for all of them. On this CPU a step for 4 slots costs ~1.4x a
-  step for one (120 vs 84 ms): ~2.8x the tokens per second in the model, 2.2x through HTTP (bench-backend).
+  sequences, reading the weights once for all of them. On this CPU a step for 4 slots costs ~1.8x a
+  step for one (29 vs 16 ms with packed weights).
 
-Positions are symbolic variables (bound per call), so each function is captured by TinyJit once and
-replayed for any position.
+A block with packed weights (packed_weights.py) runs its projections and feed-forward as our fused
+kernels, and a decode step's attention is one kernel of ours too (decode_attention.py) where the device
+is the CPU; elsewhere everything is tinygrad ops. Positions are symbolic variables (bound per call), so
+each function is captured by TinyJit once and replayed for any position.
 """
 
 from __future__ import annotations
