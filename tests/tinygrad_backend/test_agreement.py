@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
-from unittest import mock
-
 import numpy as np
 import pytest
 
-from tinygrad_backend import packed_weights
 from tinygrad_backend.cli import resolve_model
 from tinygrad_backend.gguf_file import read_header
 
@@ -71,21 +68,9 @@ def test_decoding_every_slot_at_once_gives_each_sequence_its_own_logits(model: M
     assert agree / (steps * len(cases)) >= 0.9, f"{agree}/{steps * len(cases)}"
 
 
-@pytest.fixture(scope="module")
-def float_model() -> Model:
-    """The model with every product in float arithmetic: the default quantizes x to int8 for 4-bit products
-    (as llama.cpp does), and that rounding, applied to the slightly different float sums of a prompt chunk
-    and of one token at a time, moves logits by up to ~1 by the last of 30 blocks."""
-    from tinygrad_backend.model import Model
-
-    with mock.patch.object(packed_weights, "INTEGER_DOTS", False):
-        return Model(read_header(resolve_model("smollm2")[1]), 512, progress=lambda _: None, slots=1)
-
-
-def test_prompt_chunks_padded_to_full_length_give_the_logits_of_one_token_at_a_time(float_model: Model) -> None:
+def test_prompt_chunks_padded_to_full_length_give_the_logits_of_one_token_at_a_time(model: Model) -> None:
     """A 70-token prompt goes in as chunks of 32, 32 and 6 (padded to 32): the padding must not leak into
     the logits, nor into the KV cache that later tokens read."""
-    model = float_model
     seq = [int(t) for t in np.random.default_rng(0).integers(100, 40000, 70)]
     model.forget(0)
     chunked = [model.next_logits(seq, 0), model.next_logits(seq + [42], 0)]

@@ -29,16 +29,16 @@ def eight_bit(rows: int, cols: int) -> Packed:
 
 # the kernel's 4-bit products use integer dot products where clang targets AVX-512 VNNI (-march=native)
 FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-INTEGER_DOTS = packed_weights.INTEGER_DOTS and {"avx512_vnni", "avx512vl"} <= FLAGS
+INTEGER_DOTS = packed_weights.INTEGER_DOTS and {"avx512_vnni", "avx512bw"} <= FLAGS
 
 
 def quantized_x(x: np.ndarray) -> np.ndarray:
-    """x as the integer path sees it: int8 per block of 32, scale max|x| / 127, rounded half away from zero."""
+    """x as the integer path sees it: int16 per block of 32, scale max|x| / 32767, rounded half away from zero."""
     blocks = x.reshape(x.shape[0], -1, BLOCK)
     top = np.abs(blocks).max(-1, keepdims=True)
-    scaled = blocks * np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0).astype(np.float32)
+    scaled = blocks * np.where(top > 0, np.float32(32767) / np.where(top > 0, top, 1), 0).astype(np.float32)
     steps = np.trunc(scaled + np.where(scaled >= 0, 0.5, -0.5))
-    return (steps * (top / 127)).reshape(x.shape)
+    return (steps * (top / 32767)).reshape(x.shape)
 
 
 def reference(x: np.ndarray, packed: Packed, norm: np.ndarray | None, residual: np.ndarray | None, glu: bool,
