@@ -371,24 +371,32 @@ static inline void row_dots_int(int n, const unsigned char* restrict q, const fl
   const unsigned char* row = q + (long)n * BLOCKS * 16;
   const float* s = scale + (long)n * BLOCKS;
   const float* o = offset + (long)n * BLOCKS;
-  for (int r = 0; r < ROWS; r++) {
-    const short* xr = xq + r * IN;
-    const float* d = dx + r * BLOCKS;
-    f32x16 acc = 0;
+  // up to FEW rows of x (a decode step's slots) share each unpacked pair of blocks; more (a prompt chunk)
+  // would not fit their sums in registers, so they take the weight row once per row of x
+  enum { SHARED = ROWS <= FEW ? ROWS : 1 };
+  for (int r0 = 0; r0 < ROWS; r0 += SHARED) {
+    f32x16 acc[SHARED];
+    for (int r = 0; r < SHARED; r++) acc[r] = 0;
     for (int p = 0; p < BLOCKS / 2; p++) {
       u8x32 v = *(const u8x32*)(row + p * 32);
       i16x32 lo = __builtin_convertvector(v & (unsigned char)15, i16x32);
       i16x32 hi = __builtin_convertvector(v >> (unsigned char)4, i16x32);
-      i32x16 sums = 0;
-      sums = __builtin_ia32_vpdpwssd512(sums, (i32x16)lo, *(const i32x16*)(xr + p * 64));
-      sums = __builtin_ia32_vpdpwssd512(sums, (i32x16)hi, *(const i32x16*)(xr + p * 64 + 32));
-      // lanes 0-7 hold the first block's sums, 8-15 the second's
-      float s0 = s[2 * p] * d[2 * p], s1 = s[2 * p + 1] * d[2 * p + 1];
-      acc += __builtin_convertvector(sums, f32x16) * (f32x16){s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
+      for (int r = 0; r < SHARED; r++) {
+        const short* xr = xq + (r0 + r) * IN + p * 64;
+        const float* d = dx + (r0 + r) * BLOCKS + 2 * p;
+        i32x16 sums = 0;
+        sums = __builtin_ia32_vpdpwssd512(sums, (i32x16)lo, *(const i32x16*)xr);
+        sums = __builtin_ia32_vpdpwssd512(sums, (i32x16)hi, *(const i32x16*)(xr + 32));
+        // lanes 0-7 hold the first block's sums, 8-15 the second's
+        float s0 = s[2 * p] * d[0], s1 = s[2 * p + 1] * d[1];
+        acc[r] += __builtin_convertvector(sums, f32x16) * (f32x16){s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
+      }
     }
-    float shift = 0;
-    for (int b = 0; b < BLOCKS; b++) shift += o[b] * xsum[r * BLOCKS + b];
-    dot[r] = sum16(acc) + shift;
+    for (int r = 0; r < SHARED; r++) {
+      float shift = 0;
+      for (int b = 0; b < BLOCKS; b++) shift += o[b] * xsum[(r0 + r) * BLOCKS + b];
+      dot[r0 + r] = sum16(acc[r]) + shift;
+    }
   }
 }
 #else
