@@ -389,7 +389,8 @@ static inline void row_dots_int(int n, const unsigned char* restrict q, const fl
         sums = __builtin_ia32_vpdpwssd512(sums, (i32x16)hi, *(const i32x16*)(xr + 32));
         // lanes 0-7 hold the first block's sums, 8-15 the second's
         float s0 = s[2 * p] * d[0], s1 = s[2 * p + 1] * d[1];
-        acc[r] += __builtin_convertvector(sums, f32x16) * (f32x16){s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
+        f32x16 scales = {s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
+        acc[r] += __builtin_convertvector(sums, f32x16) * scales;
       }
     }
     for (int r = 0; r < SHARED; r++) {
