@@ -9,7 +9,7 @@ and write the attention ourselves:
   one token when only one sequence is running);
 - `every_slot` feeds one token to every slot, each at its own position: one decode step for all running
   sequences, reading the weights once for all of them. On this CPU a step for 4 slots costs ~1.8x a
-  step for one (29 vs 16 ms with packed weights).
+  step for one (26 vs 15 ms with packed weights).
 
 A block with packed weights (packed_weights.py) runs its projections and feed-forward as our fused
 kernels, and a decode step's attention is one kernel of ours too (decode_attention.py) where the device
