@@ -1,11 +1,16 @@
-"""Attention for decode steps (one new token per sequence) as one CPU kernel of ours.
+"""Attention as one CPU kernel of ours, for every row of a step: a decode step's one token per slot, or a
+prompt chunk's tokens of one sequence.
 
 In tinygrad ops a decode step's attention is eight kernels a block (copies of q and k out of the fused
 projection, RoPE and the KV cache write, scores, max, sum, softmax, weighted values), each tiny at short
 context, so their launches cost more than their work: ~4 ms of an ~18 ms step for SmolLM2-135M's 30 blocks.
 This kernel does it all for every row (slot) of the step: RoPE on q and k, k and v into the slot's cache row
 at its position, then softmax(q k^T / sqrt(d)) v over positions 0..pos, query heads grouped over their kv
-head. Prompt chunks keep tinygrad's attention (forward.py): there the work outweighs the launches.
+head. A prompt chunk's tokens go through the very same arithmetic, row by row, as tokens decoded one at a
+time: logits do not depend on how a prompt was fed (in chunks, a token at a time, or partly from a cached
+prefix), so a seeded sample is the same either way. (With tinygrad's attention for chunks they differed by
+~5e-5, and the integer dot products of packed_weights.py amplify any difference to ~5e-3: enough to change
+a seeded draw at temperature 1.5.)
 """
 
 from __future__ import annotations
@@ -31,13 +36,13 @@ class DecodeAttention:
 
     def __call__(self, qkv: Tensor, cache: Tensor, freqs: Tensor, where: Tensor) -> Tensor:
         """qkv (rows, q + k + v features) of this step's tokens, RoPE not yet applied; where (rows, 2) int32:
-        each row's slot and position. Writes k and v into `cache` (2, slots, kv heads, room, head dim);
-        returns the attention output, (rows, heads * head dim)."""
+        each row's slot and position (rows of one slot in order of position). Writes k and v into `cache`
+        (2, slots, kv heads, room, head dim); returns the attention output, (rows, heads * head dim)."""
         assert self._compiler is not None
         c = self.config
         rows = int(qkv.shape[0])
-        # a second thread pays off only with several rows of kv heads to share out
-        threads = len(os.sched_getaffinity(0)) if rows * c.n_kv_heads >= 8 else 1
+        # a second thread pays off only with several rows to share out (and kv heads to share them by)
+        threads = min(len(os.sched_getaffinity(0)), c.n_kv_heads) if rows >= 4 else 1
         defines = {"ROWS": rows, "HEADS": c.n_heads, "KV_HEADS": c.n_kv_heads, "HD": c.head_dim, "ROPE": c.rope_dim,
                    "SLOTS": self.slots, "ROOM": self.room, "SCALE": f"{1 / math.sqrt(c.head_dim):.9g}f", "THREADS": threads}
         name = f"decode_attention_{rows}_{c.n_heads}_{c.n_kv_heads}_{c.head_dim}_t{threads}"
@@ -66,9 +71,11 @@ static inline void rope(const float* restrict x, const float* restrict freqs, fl
 
 void NAME(float* restrict out, const float* restrict qkv, float* restrict cache, const float* restrict freqs,
           const int* restrict where, int core_id) {
-  // work shared out by (row, kv head): a thread writes the keys and values it then reads, so none waits
-  for (int job = core_id; job < ROWS * KV_HEADS; job += THREADS) {
+  // work shared out by kv head, rows in order: a thread writes the keys and values it then reads (a prompt
+  // chunk's later rows read its earlier rows' keys), so none waits on another
+  for (int job = 0; job < ROWS * KV_HEADS; job++) {
     const int r = job / KV_HEADS, kvh = job % KV_HEADS;
+    if (kvh % THREADS != core_id) continue;
     const int slot = where[2 * r], pos = where[2 * r + 1];
     const float* row = qkv + (long)r * (QDIM + 2 * KVDIM);
     const float* cs = freqs + (long)pos * ROPE;

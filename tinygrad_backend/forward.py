@@ -55,12 +55,12 @@ class SlotForward:
                      where: Tensor | None = None) -> Tensor:
         """tokens (1, T) of the sequence in `slot`, the first at `start_pos`: logits after token `last` (default
         the last), (1, vocab). Tokens after `last` are padding: they only fill cache positions that the
-        sequence's next tokens overwrite, and no earlier token attends to them. For one token, `where` is
-        [[slot, start_pos]] as an int32 tensor, for the decode attention kernel."""
+        sequence's next tokens overwrite, and no earlier token attends to them. `where`: each token's
+        [slot, position] as an int32 tensor (T, 2), for our attention kernel."""
         T = tokens.shape[1]
+        if where is not None and self.decode_attention.available:
+            return self._run(tokens, self._attend_decode, where, last=last)
         if not resolve(T != 1):
-            if where is not None and self.decode_attention.available:
-                return self._run(tokens, self._attend_decode, where)
             return self._run(tokens, self._attend_one, slot, start_pos, last=last)
         # causal, lower-right aligned: token i of the chunk sees the cache up to start_pos + i. Built once for
         # all blocks, from a comparison: Tensor.triu costs O(context^2) work, in every block
@@ -101,7 +101,8 @@ class SlotForward:
         return self._attention(q, kv[0, :, :, 0:length, :], kv[1, :, :, 0:length, :], mask)
 
     def _attend_decode(self, block: TransformerBlock, x: Tensor, where: Tensor) -> Tensor:
-        B, T, _ = x.shape  # T == 1
+        """Our attention kernel, for (B, T) tokens with B * T rows of `where`."""
+        B, T, _ = x.shape
         packed: PackedBlock | None = getattr(block, "packed", None)
         if packed is not None and not self.config.qk_norm:
             qkv = packed.flat_projections(x, block.attn_norm)

@@ -170,12 +170,13 @@ class Model:
         while pos < end:
             n = min(PREFILL_CHUNK, end - pos)
             sp = self._start.bind(pos)
+            width = 1 if n == 1 else PREFILL_CHUNK
+            where = Tensor([[slot, pos + i] for i in range(width)], dtype="int32")
             if n == 1:
-                where = Tensor([[slot, pos]], dtype="int32")
                 out = self._token(Tensor([tokens[pos:pos + 1]], dtype="int32"), s, sp, None, where)
             else:
                 chunk = tokens[pos:pos + n] + [0] * (PREFILL_CHUNK - n)
-                out = self._chunk(Tensor([chunk], dtype="int32"), s, sp, self._last.bind(n - 1))
+                out = self._chunk(Tensor([chunk], dtype="int32"), s, sp, self._last.bind(n - 1), where)
             out.realize()  # realizing writes the KV cache
             pos += n
             self._cached[slot] = tokens[:pos]

@@ -64,7 +64,8 @@ def test_decoding_every_slot_at_once_gives_each_sequence_its_own_logits(model: M
     agree = 0
     for slot, case in enumerate(cases):
         for k in range(steps):
-            np.testing.assert_allclose(together[k][slot], alone[slot][k], atol=1e-3, rtol=1e-3)
+            # the same arithmetic row by row (our kernels): equal, not close
+            np.testing.assert_array_equal(together[k][slot], alone[slot][k])
             agree += int(together[k][slot].argmax()) == case["continuation"][k]
     assert agree / (steps * len(cases)) >= 0.9, f"{agree}/{steps * len(cases)}"
 
@@ -80,7 +81,7 @@ def test_prompt_chunks_padded_to_full_length_give_the_logits_of_one_token_at_a_t
         model.next_logits(seq[:n], 0)  # one token per call
     one_by_one = [model.next_logits(seq, 0), model.next_logits(seq + [42], 0)]
     for a, b in zip(chunked, one_by_one, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
+        np.testing.assert_array_equal(a, b)  # so a seeded sample does not depend on how the prompt was fed
 
 
 def test_the_cpu_runs_our_kernels_so_the_tests_above_check_them(model: Model) -> None:
