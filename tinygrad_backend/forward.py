@@ -12,8 +12,8 @@ and write the attention ourselves:
   step for one (26 vs 15 ms with packed weights).
 
 A block with packed weights (packed_weights.py) runs its projections and feed-forward as our fused
-kernels, and a decode step's attention is one kernel of ours too (decode_attention.py) where the device
-is the CPU; elsewhere everything is tinygrad ops. Positions are symbolic variables (bound per call), so
+kernels, and a step's attention (a decode step's or a prompt chunk's) is one kernel of ours too
+(attention_kernel.py) where the device is the CPU; elsewhere everything is tinygrad ops. Positions are symbolic variables (bound per call), so
 each function is captured by TinyJit once and replayed for any position.
 """
 
@@ -27,7 +27,7 @@ from tinygrad import Tensor, UOp, function
 from tinygrad.llm.model import Transformer, TransformerBlock, TransformerConfig, precompute_freqs_cis
 from tinygrad.uop.ops import resolve
 
-from tinygrad_backend.decode_attention import DecodeAttention
+from tinygrad_backend.attention_kernel import AttentionKernel
 from tinygrad_backend.packed_weights import PackedBlock, PackedLinear
 
 
@@ -48,8 +48,8 @@ class SlotForward:
             # (keys and values, slot, kv head, position, head dim); zeros, realized, so the JITs capture real buffers
             block.cache_kv = Tensor.zeros(2, slots, c.n_kv_heads, room, c.head_dim,
                                           device=self.freqs.device).contiguous().realize()
-        # one kernel of ours for a decode step's attention, where it can run (the CPU)
-        self.decode_attention = DecodeAttention(c, slots, room, self.freqs.device)
+        # one kernel of ours for a step's attention, where it can run (the CPU)
+        self.attention = AttentionKernel(c, slots, room, self.freqs.device)
 
     def one_sequence(self, tokens: Tensor, slot: UOp, start_pos: UOp, last: UOp | None = None,
                      where: Tensor | None = None) -> Tensor:
@@ -58,8 +58,8 @@ class SlotForward:
         sequence's next tokens overwrite, and no earlier token attends to them. `where`: each token's
         [slot, position] as an int32 tensor (T, 2), for our attention kernel."""
         T = tokens.shape[1]
-        if where is not None and self.decode_attention.available:
-            return self._run(tokens, self._attend_decode, where, last=last)
+        if where is not None and self.attention.available:
+            return self._run(tokens, self._attend_kernel, where, last=last)
         if not resolve(T != 1):
             return self._run(tokens, self._attend_one, slot, start_pos, last=last)
         # causal, lower-right aligned: token i of the chunk sees the cache up to start_pos + i. Built once for
@@ -73,8 +73,8 @@ class SlotForward:
         """One token per slot, tokens (slots, 1), slot i's at `slot_positions[i]` (also given as the int
         tensor `positions`, for the mask, and as rows [i, position] of `where`, for the decode attention
         kernel); `length` is max(positions) + 1. Logits, (slots, vocab)."""
-        if self.decode_attention.available:
-            return self._run(tokens, self._attend_decode, where)
+        if self.attention.available:
+            return self._run(tokens, self._attend_kernel, where)
         S = self.slots
         # a slot sees its own cache up to its own position; positions past it hold stale tokens
         mask = (Tensor.arange(length, device=tokens.device).reshape(1, 1, 1, 1, length) > positions.reshape(S, 1, 1, 1, 1)) \
@@ -100,7 +100,7 @@ class SlotForward:
         length = mask.shape[-1]
         return self._attention(q, kv[0, :, :, 0:length, :], kv[1, :, :, 0:length, :], mask)
 
-    def _attend_decode(self, block: TransformerBlock, x: Tensor, where: Tensor) -> Tensor:
+    def _attend_kernel(self, block: TransformerBlock, x: Tensor, where: Tensor) -> Tensor:
         """Our attention kernel, for (B, T) tokens with B * T rows of `where`."""
         B, T, _ = x.shape
         packed: PackedBlock | None = getattr(block, "packed", None)
@@ -109,7 +109,7 @@ class SlotForward:
         else:
             q, k, v = self._projections(block, x)
             qkv = q.cat(k, v, dim=-1)
-        return self.decode_attention(qkv.reshape(B * T, -1), block.cache_kv, self.freqs, where).reshape(B, T, -1)
+        return self.attention(qkv.reshape(B * T, -1), block.cache_kv, self.freqs, where).reshape(B, T, -1)
 
     def _attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
         """Scaled dot-product attention with grouped query heads: q (B, heads, T, head dim) against keys and

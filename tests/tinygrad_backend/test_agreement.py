@@ -89,6 +89,6 @@ def test_the_cpu_runs_our_kernels_so_the_tests_above_check_them(model: Model) ->
     the agreement and equality checks above are of those, not of a fallback."""
     assert model.weights == "packed"
     forward = model._forward
-    assert forward.decode_attention.available
+    assert forward.attention.available
     packed = getattr(forward.blocks[0], "packed", None)
     assert packed is not None and packed.qkv.bits == 4 and packed.gate_up.bits == 4

@@ -25,7 +25,7 @@ from tinygrad.renderer import Estimates
 from tinygrad_backend.cpu_kernel import C_HELPERS, DeviceName, compile_kernel, compiler_for, run
 
 
-class DecodeAttention:
+class AttentionKernel:
     def __init__(self, config: TransformerConfig, slots: int, room: int, device: DeviceName) -> None:
         self.config, self.slots, self.room = config, slots, room
         self._compiler = compiler_for(device)
@@ -45,7 +45,7 @@ class DecodeAttention:
         threads = min(len(os.sched_getaffinity(0)), c.n_kv_heads) if rows >= 4 else 1
         defines = {"ROWS": rows, "HEADS": c.n_heads, "KV_HEADS": c.n_kv_heads, "HD": c.head_dim, "ROPE": c.rope_dim,
                    "SLOTS": self.slots, "ROOM": self.room, "SCALE": f"{1 / math.sqrt(c.head_dim):.9g}f", "THREADS": threads}
-        name = f"decode_attention_{rows}_{c.n_heads}_{c.n_kv_heads}_{c.head_dim}_t{threads}"
+        name = f"attention_{rows}_{c.n_heads}_{c.n_kv_heads}_{c.head_dim}_t{threads}"
         source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + C_HELPERS + _SOURCE.replace("NAME", name)
         kernel = compile_kernel(self._compiler, name, source, threads)
         # tinygrad's counters want a number; the context read varies per call, so count the new token's share
