@@ -13,8 +13,9 @@ and write the attention ourselves:
 
 A block with packed weights (packed_weights.py) runs its projections and feed-forward as our fused
 kernels, and a step's attention (a decode step's or a prompt chunk's) is one kernel of ours too
-(attention_kernel.py) where the device is the CPU; elsewhere everything is tinygrad ops. Positions are symbolic variables (bound per call), so
-each function is captured by TinyJit once and replayed for any position.
+(attention_kernel.py) where the device is the CPU; elsewhere everything is tinygrad ops. Positions are
+symbolic variables (bound per call), so each function is captured by TinyJit once and replayed for any
+position.
 """
 
 from __future__ import annotations
