@@ -16,9 +16,9 @@ a seeded draw at temperature 1.5.)
 from __future__ import annotations
 
 import math
-import os
 
 from tinygrad import Tensor, dtypes
+from tinygrad.helpers import CPU_COUNT
 from tinygrad.llm.model import TransformerConfig
 from tinygrad.renderer import Estimates
 
@@ -42,7 +42,7 @@ class AttentionKernel:
         c = self.config
         rows = int(qkv.shape[0])
         # a second thread pays off only with several rows to share out (and kv heads to share them by)
-        threads = min(len(os.sched_getaffinity(0)), c.n_kv_heads) if rows >= 4 else 1
+        threads = min(CPU_COUNT.value, c.n_kv_heads) if rows >= 4 else 1
         defines = {"ROWS": rows, "HEADS": c.n_heads, "KV_HEADS": c.n_kv_heads, "HD": c.head_dim, "ROPE": c.rope_dim,
                    "SLOTS": self.slots, "ROOM": self.room, "SCALE": f"{1 / math.sqrt(c.head_dim):.9g}f", "THREADS": threads}
         name = f"attention_{rows}_{c.n_heads}_{c.n_kv_heads}_{c.head_dim}_t{threads}"

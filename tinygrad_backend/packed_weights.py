@@ -20,12 +20,12 @@ dequantized inside ordinary tinygrad ops.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from tinygrad import Tensor, dtypes, nn
 from tinygrad.device import Compiler
+from tinygrad.helpers import CPU_COUNT
 from tinygrad.renderer import Estimates
 
 from tinygrad_backend.cpu_kernel import C_HELPERS, TWO_THREADS_FROM, DeviceName, Kernel, compile_kernel, compiler_for, run
@@ -155,8 +155,8 @@ class PackedLinear:
 
 
 class PackedBlock:
-    """A transformer block's linear layers, packed, as three kernels: norm + q, k and v in one product;
-    the attention output + residual; norm + SiLU(gate) * up; and the down projection + residual (four)."""
+    """A transformer block's linear layers, packed, as four kernels: norm + q, k and v in one product; the
+    attention output + residual; norm + SiLU(gate) * up; and the down projection + residual."""
 
     PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -199,10 +199,6 @@ class PackedBlock:
         """h + down(SiLU(gate(norm(h))) * up(norm(h)))."""
         return self.ffn_down(self.gate_up(h, norm=norm, glu=True), residual=h)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(lin.nbytes for lin in (self.qkv, self.attn_output, self.gate_up, self.ffn_down))
-
 
 def _stacked(parts: list[Packed]) -> Packed:
     """Several layers' rows as one weight; 4- and 8-bit parts cannot share a kernel, so then all are 8-bit."""
@@ -216,7 +212,7 @@ def _kernel(layer: PackedLinear, x: Tensor, norm: nn.RMSNorm | None, residual: T
     rows = int(x.shape[0])
     out_features = layer.out_features // 2 if glu else layer.out_features
     work = rows * layer.out_features * layer.in_features
-    threads = len(os.sched_getaffinity(0)) if work >= TWO_THREADS_FROM else 1
+    threads = CPU_COUNT.value if work >= TWO_THREADS_FROM else 1
     eps = None if norm is None else float(norm.eps)
     kernel = _compiled(compiler, _Shape(rows, layer.out_features, layer.in_features, layer.bits, threads, eps,
                                         residual is not None, glu, layer._integer_dots))
@@ -227,7 +223,7 @@ def _kernel(layer: PackedLinear, x: Tensor, norm: nn.RMSNorm | None, residual: T
     if residual is not None:
         inputs.append(residual)
     # for tinygrad's counters (DEBUG=2's GFLOPS and GB/s, bench-backend's bytes read per token)
-    weight_bytes = sum(int(t.nbytes()) for t in (layer.q, layer.scale, layer.offset))
+    weight_bytes = layer.nbytes
     activations = 4 * (rows * layer.in_features + rows * out_features * (2 if residual is not None else 1))
     estimates = Estimates(ops=2 * work, lds=weight_bytes + activations, mem=weight_bytes + activations)
     return run(kernel, Tensor.empty(rows, out_features, dtype=dtypes.float, device=x.device), inputs, estimates)
