@@ -70,15 +70,15 @@ class SlotForward:
         mask = unseen.where(float("-inf"), 0.0).contiguous()
         return self._run(tokens, self._attend_one, slot, start_pos, mask, last=last)
 
-    def every_slot(self, tokens: Tensor, positions: Tensor, where: Tensor, length: UOp, *slot_positions: UOp) -> Tensor:
-        """One token per slot, tokens (slots, 1), slot i's at `slot_positions[i]` (also given as the int
-        tensor `positions`, for the mask, and as rows [i, position] of `where`, for the decode attention
-        kernel); `length` is max(positions) + 1. Logits, (slots, vocab)."""
+    def every_slot(self, tokens: Tensor, where: Tensor, length: UOp, *slot_positions: UOp) -> Tensor:
+        """One token per slot, tokens (slots, 1), slot i's at `slot_positions[i]`, also given as the rows
+        [i, position] of the int tensor `where` (for our attention kernel, and for the mask of tinygrad's);
+        `length` is the largest position + 1. Logits, (slots, vocab)."""
         if self.attention.available:
             return self._run(tokens, self._attend_kernel, where)
         S = self.slots
         # a slot sees its own cache up to its own position; positions past it hold stale tokens
-        mask = (Tensor.arange(length, device=tokens.device).reshape(1, 1, 1, 1, length) > positions.reshape(S, 1, 1, 1, 1)) \
+        mask = (Tensor.arange(length, device=tokens.device).reshape(1, 1, 1, 1, length) > where[:, 1].reshape(S, 1, 1, 1, 1)) \
             .where(float("-inf"), 0.0).contiguous()
         return self._run(tokens, self._attend_every, mask, *slot_positions)
 

@@ -23,9 +23,10 @@ from tinygrad.device import LRUAllocator
 from tinygrad.helpers import getenv
 from tinygrad.llm.model import Transformer
 
+from tinygrad_backend.cpu_kernel import compiler_for
 from tinygrad_backend.forward import SlotForward
 from tinygrad_backend.gguf_file import GGUFHeader
-from tinygrad_backend.packed_weights import PackedBlock, PackedLinear, from_file, requantize
+from tinygrad_backend.packed_weights import PackedBlock, PackedLinear, pack
 
 PREFILL_CHUNK = 32  # prompt tokens per prefill call, always this many (the last chunk padded): one concrete shape
 
@@ -37,8 +38,8 @@ AUTO_FP32_LIMIT = 2 << 30  # off the CPU, `auto` keeps fp32 weights up to this s
 def weight_mode(header: GGUFHeader, weights: str) -> str:
     if weights != "auto":
         return weights
-    if Device.DEFAULT == "CPU":
-        return "packed"  # our CPU kernel for them is the fastest there (packed_weights.py)
+    if compiler_for(Device.DEFAULT) is not None:
+        return "packed"  # where our CPU kernels run, they are the fastest (packed_weights.py)
     return "fp32" if _parameter_count(header) * 4 <= AUTO_FP32_LIMIT else "quantized"
 
 
@@ -81,7 +82,7 @@ def _pack(net: Transformer, header: GGUFHeader) -> None:
                 delattr(block, name)
     weight = net.output.weight.float().numpy()
     name = "output.weight" if header.tensor("output.weight") else "token_embd.weight"
-    net.packed_output = PackedLinear(from_file(header, name, weight) or requantize(weight), net.output.weight.device)  # type: ignore[attr-defined]
+    net.packed_output = PackedLinear(pack(header, name, weight), net.output.weight.device)  # type: ignore[attr-defined]
     del net.output
     # tinygrad's allocator keeps freed buffers for reuse; give the fp32 weights' memory back to the system
     gc.collect()
@@ -212,8 +213,7 @@ class Model:
             tokens.append(seq[-1])
         where = np.stack([np.arange(self.slots), positions], axis=1).astype(np.int32)
         out = self._every(
-            Tensor(np.array(tokens, dtype=np.int32).reshape(-1, 1)), Tensor(np.array(positions, dtype=np.int32)),
-            Tensor(where), self._length.bind(max(positions) + 1),
+            Tensor(np.array(tokens, dtype=np.int32).reshape(-1, 1)), Tensor(where), self._length.bind(max(positions) + 1),
             *[v.bind(p) for v, p in zip(self._positions, positions, strict=True)],
         ).realize()
         logits = out.numpy()

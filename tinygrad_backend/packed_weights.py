@@ -55,8 +55,7 @@ class Packed:
         else:  # GGUF's nibble order: a block's 16 bytes hold weights 0-15 in their low and 16-31 in their high nibbles
             pairs = self.q.reshape(rows, -1, BLOCK // 2)
             steps = np.concatenate([pairs & 15, pairs >> 4], axis=-1).astype(np.float32)
-        scale, offset = self.scale.astype(np.float32), self.offset.astype(np.float32)
-        return (steps * scale[..., None] + offset[..., None]).reshape(rows, -1)
+        return (steps * self.scale[..., None] + self.offset[..., None]).reshape(rows, -1)
 
 
 def requantize(weight: np.ndarray) -> Packed:
@@ -71,6 +70,11 @@ def requantize(weight: np.ndarray) -> Packed:
     step = np.where(scale == 0, 1, scale)[..., None]
     q = np.clip(np.rint((blocks - offset[..., None]) / step), -128, 127).astype(np.int8)
     return Packed(8, q.reshape(rows, cols), scale.astype(np.float32), offset.astype(np.float32))
+
+
+def pack(header: GGUFHeader, name: str, loaded: np.ndarray) -> Packed:
+    """Tensor `name`, loaded by tinygrad as `loaded` (fp32): the file's own 4-bit blocks, else 8-bit ones."""
+    return from_file(header, name, loaded) or requantize(loaded)
 
 
 def from_file(header: GGUFHeader, name: str, loaded: np.ndarray) -> Packed | None:
@@ -180,7 +184,7 @@ class PackedBlock:
         parts = {}
         for name, lin in linear.items():
             loaded = lin.weight.float().numpy()
-            parts[name] = from_file(header, f"blk.{index}.{name}.weight", loaded) or requantize(loaded)
+            parts[name] = pack(header, f"blk.{index}.{name}.weight", loaded)
         biases = [linear[n].bias for n in ("attn_q", "attn_k", "attn_v")]
         if any(b is not None for b in biases) and not all(b is not None for b in biases):
             return None
