@@ -198,7 +198,8 @@ class Proxy:
     async def _complete(self, trace: RequestTrace, kwargs: dict[str, Any], include_usage: bool, call: Any,
                         to_dict: Any, to_chunk: Any) -> Response:
         try:
-            result = await asyncio.wait_for(call(**kwargs), self.settings.delegate.request_timeout_s)
+            async with asyncio.timeout(self.settings.delegate.request_timeout_s):  # no extra task, unlike wait_for
+                result = await call(**kwargs)
         except ProxyError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the Router raised becomes an OpenAI error

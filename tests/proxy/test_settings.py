@@ -37,6 +37,28 @@ def test_shipped_config_builds_a_router() -> None:
     assert {d.provider for d in deployments.values()} == {"ollama_chat", "tinygrad"}
 
 
+def test_local_deployments_are_free_to_litellm_and_cloud_ones_keep_its_prices(tmp_path: Path) -> None:
+    """LiteLLM is told a local deployment costs nothing (we price its electricity): explicit zero rates, not
+    unknown ones, so it neither guesses a price nor diagnoses a missing one on every call. A rate the config
+    sets is kept; a cloud deployment keeps LiteLLM's table."""
+    from proxy.router import build_router
+
+    path = write_config(tmp_path / "config.yaml", [
+        ("local", "openai/fast", "http://127.0.0.1:9/v1"),
+        ("priced", "openai/fast", "http://localhost:9/v1"),
+        ("cloud", "anthropic/claude-sonnet-4-5", None, {"api_key": "sk-test"}),
+    ], aliases=["local"])
+    raw = yaml.safe_load(path.read_text())
+    raw["model_list"][1]["model_info"]["output_cost_per_token"] = 1e-6
+    path.write_text(yaml.safe_dump(raw))
+    router, deployments = build_router(settings.load(path))
+    info = {d["model_info"]["id"]: d["model_info"] for d in router.get_model_list()}
+    assert [d.is_local for d in deployments.values()] == [True, True, False]
+    assert (info["local#0"]["input_cost_per_token"], info["local#0"]["output_cost_per_token"]) == (0.0, 0.0)
+    assert (info["priced#1"]["input_cost_per_token"], info["priced#1"]["output_cost_per_token"]) == (0.0, 1e-6)
+    assert "input_cost_per_token" not in info["cloud#2"] and "output_cost_per_token" not in info["cloud#2"]
+
+
 def _mutate(tmp_path: Path, change) -> Path:  # type: ignore[no-untyped-def]
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     change(raw)
