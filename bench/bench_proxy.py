@@ -84,6 +84,31 @@ async def load(target: str, url: str, headers: dict[str, str], stream: bool, con
         return Result(target, stream, concurrency, latencies, time.perf_counter() - start, errors)
 
 
+async def router_alone(config: Path, stream: bool, total: int) -> Result:
+    """Our Router (built from the same config) called in this process, no HTTP server in front: the share of
+    Delegate's figure that is LiteLLM's own per-call work. Sequential, like the concurrency-1 loads."""
+    from proxy.router import build_router
+    from proxy.serve import load_settings
+
+    router, _ = build_router(load_settings(config))
+    body = {**BODY, "model": "bench"}
+
+    async def one() -> float:
+        start = time.perf_counter()
+        if stream:
+            async for _ in await router.acompletion(**body, stream=True, stream_options={"include_usage": True}):
+                pass
+        else:
+            await router.acompletion(**body)
+        return (time.perf_counter() - start) * 1000
+
+    for _ in range(20):
+        await one()
+    start = time.perf_counter()
+    latencies = [await one() for _ in range(total)]
+    return Result("router", stream, 1, latencies, time.perf_counter() - start, 0)
+
+
 def start(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "wb") if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
@@ -137,6 +162,9 @@ def main() -> int:
                     results.append(r)
                     print(f"{name:9s} stream={stream!s:5s} c={concurrency:2d}  p50 {r.pct(0.5):7.2f} ms  "
                           f"p99 {r.pct(0.99):7.2f} ms  {r.rps:7.1f} req/s  errors {r.errors}", flush=True)
+            r = asyncio.run(router_alone(tmp / "delegate.yaml", stream, args.requests))
+            results.append(r)
+            print(f"router alone stream={stream!s:5s}  p50 {r.pct(0.5):7.2f} ms  p99 {r.pct(0.99):7.2f} ms", flush=True)
     finally:
         for p in procs:
             p.terminate()
@@ -157,7 +185,9 @@ def render(results: list[Result], requests: int) -> str:
         f"Command: `make bench-proxy` (`.venv/bin/python bench/bench_proxy.py --requests {requests}`), "
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} CPUs, Python {platform.python_version()}. "
         "Backend: `bench/fast_backend.py` (raw ASGI under uvicorn). Client: aiohttp, keep-alive. "
-        "LiteLLM's proxy: `litellm[proxy]==1.108.0`, one worker, no database. Added = proxy minus direct, same run.",
+        "LiteLLM's proxy: `litellm[proxy]==1.108.0`, one worker, no database. Added = proxy minus direct, same run. "
+        "\"router alone\": Delegate's `litellm.Router`, built from the same config, called in the benchmark's own "
+        "process with no HTTP server in front — the part of Delegate's figure that is LiteLLM's per-call work.",
         "",
         "| mode | concurrency | target | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -165,12 +195,13 @@ def render(results: list[Result], requests: int) -> str:
     for stream in (False, True):
         for c in (1, 32):
             direct = by[("direct", stream, c)]
-            for target in ("direct", "delegate", "litellm"):
+            for target in ("direct", "router", "delegate", "litellm"):
                 r = by.get((target, stream, c))
                 if r is None:
                     continue
                 added = "" if target == "direct" else f"{r.pct(0.5) - direct.pct(0.5):.2f} | {r.pct(0.99) - direct.pct(0.99):.2f}"
-                lines.append(f"| {'stream' if stream else 'plain'} | {c} | {target} | {r.pct(0.5):.2f} | {r.pct(0.99):.2f} | "
+                label = "router alone" if target == "router" else target
+                lines.append(f"| {'stream' if stream else 'plain'} | {c} | {label} | {r.pct(0.5):.2f} | {r.pct(0.99):.2f} | "
                              f"{r.rps:.1f} | {added or '- | -'} | {r.errors} |")
     if any(k[0] == "litellm" for k in by):
         lines += ["", "Targets (Delegate against LiteLLM's proxy, same run):", ""]
