@@ -25,11 +25,24 @@ def pick_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     probs = np.exp(z)
     probs /= probs.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-probs)
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
+        keep = nucleus(probs, params.top_p)
         return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
     return int(rng.choice(len(probs), p=probs))
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The fewest most likely tokens whose probabilities reach top_p, most likely first (ties: lower id first).
+
+    Sorted among the tokens above a threshold, lowered until their mass reaches top_p: every token above a
+    threshold is a prefix of the whole order, and the nucleus is usually a few dozen tokens. Sorting the whole
+    vocabulary (49k for SmolLM2) took ~3 ms a token, a fifth of a decode step."""
+    for fraction in (1e-2, 1e-4, 1e-8, 0.0):
+        above = np.flatnonzero(probs >= probs.max() * fraction)  # ascending ids: the stable sort breaks ties by id
+        ranked = above[np.argsort(-probs[above], kind="stable")]
+        n = int(np.searchsorted(np.cumsum(probs[ranked]), top_p))
+        if n < len(ranked) or fraction == 0.0:
+            return ranked[: n + 1]
+    raise AssertionError("unreachable: the last threshold keeps every token")
 
 
 class StopMatcher:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinygrad_backend.sampling import SamplingParams, StopMatcher, pick_token
+from tinygrad_backend.sampling import SamplingParams, StopMatcher, nucleus, pick_token
 
 
 def test_greedy_takes_the_largest_logit() -> None:
@@ -24,6 +24,19 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     rng = np.random.default_rng(0)
     picks = {pick_token(logits, SamplingParams(temperature=1.0, top_p=0.9), rng) for _ in range(200)}
     assert picks <= {0, 1}
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0, 100.0])  # peaked to nearly flat: k grows to the vocabulary
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
+def test_nucleus_is_what_sorting_the_whole_vocabulary_gives(temperature: float, top_p: float) -> None:
+    rng = np.random.default_rng(int(temperature * 10 + top_p * 1000))
+    logits = rng.normal(0, 3, 49152) / temperature
+    logits[rng.integers(0, len(logits), 50)] = logits.max()  # ties at the top, broken by token id
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.lexsort((np.arange(len(probs)), -probs))
+    expected = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+    assert nucleus(probs, top_p).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize(("pieces", "stops", "sent", "hit"), [
