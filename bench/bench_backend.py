@@ -47,6 +47,8 @@ AGREEMENT_PROMPTS = [
 ]
 
 
+LONG = 1800  # tokens of context for the long-conversation decode figure, as bench/llamacpp_runner.py's
+
 def chat_prompt(text: str) -> str:
     return (f"<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
             f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
@@ -94,6 +96,13 @@ def ours_in_process(model_path: Path, weights: str) -> dict[str, float]:
             seq.append(int(model.next_logits(seq).argmax()))
         decode.append(127 / (time.perf_counter() - start))
     result["decode_tps"] = statistics.median(decode)
+    model.forget()
+    seq = (base * (LONG // len(base) + 1))[:LONG]  # far into a conversation: attention reads the whole cache
+    seq.append(int(model.next_logits(seq).argmax()))
+    start = time.perf_counter()
+    for _ in range(32):
+        seq.append(int(model.next_logits(seq).argmax()))
+    result["decode_long_tps"] = 32 / (time.perf_counter() - start)
     GlobalCounters.reset()
     seq.append(int(model.next_logits(seq).argmax()))
     result["bytes_per_token"] = GlobalCounters.global_mem
@@ -255,6 +264,7 @@ def render(rows: dict[str, dict[str, object]], bandwidth: float, agree: int, tot
         lines.append(f"| {name} | {f(a, fmt)} | {f(b, fmt)} | {f(ratio, '{:.2f}x')} |")
 
     row("decode tokens/s (128 tokens, greedy, median of 5)", "decode_tps")
+    row(f"decode tokens/s {LONG:,} tokens into a conversation (32 greedy tokens)", "decode_long_tps")
     row("prefill tokens/s, 128-token prompt", "prefill_128_tps")
     row("time to first token, 128-token prompt (s)", "ttft_128_s", "{:.3f}", higher_better=False)
     row("prefill tokens/s, 512-token prompt", "prefill_512_tps")

@@ -14,6 +14,8 @@ import time
 import numpy as np
 from llama_cpp import Llama
 
+LONG = 1800  # tokens of context for the long-conversation decode figure
+
 
 def greedy(llm: Llama, tokens: list[int], n: int) -> tuple[list[int], float, list[float]]:
     """Feed `tokens`, then `n` greedy tokens one at a time: (ids, first-token seconds, per-token seconds)."""
@@ -43,6 +45,8 @@ def main() -> None:
             _, _, steps = greedy(llm, base[:8], 128)
             decode.append((len(steps)) / sum(steps))
         result["decode_tps"] = statistics.median(decode)
+        _, _, steps = greedy(llm, (base * (LONG // len(base) + 1))[:LONG], 33)
+        result["decode_long_tps"] = len(steps) / sum(steps)
         for n in (128, 512):
             prompt = (base * (n // len(base) + 1))[:n]
             ttfts = []

@@ -85,10 +85,13 @@ def test_prompt_chunks_padded_to_full_length_give_the_logits_of_one_token_at_a_t
 
 
 def test_the_cpu_runs_our_kernels_so_the_tests_above_check_them(model: Model) -> None:
-    """On the CPU `auto` means packed weights, the file's own 4-bit blocks, and our decode attention kernel:
-    the agreement and equality checks above are of those, not of a fallback."""
+    """On the CPU `auto` means packed weights, the file's own 4-bit blocks, and our decode attention kernel
+    over a half-precision KV cache: the agreement and equality checks above are of those, not of a fallback."""
+    from tinygrad import dtypes
+
     assert model.weights == "packed"
     forward = model._forward
     assert forward.attention.available
+    assert all(block.cache_kv.dtype == dtypes.half for block in forward.blocks)
     packed = getattr(forward.blocks[0], "packed", None)
     assert packed is not None and packed.qkv.bits == 4 and packed.gate_up.bits == 4
