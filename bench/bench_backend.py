@@ -49,6 +49,7 @@ AGREEMENT_PROMPTS = [
 
 LONG = 1800  # tokens of context for the long-conversation decode figure, as bench/llamacpp_runner.py's
 
+
 def chat_prompt(text: str) -> str:
     return (f"<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
             f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")

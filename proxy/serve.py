@@ -112,7 +112,7 @@ def stop_backend(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def tune_collector() -> None:
-    """What is loaded by now (LiteLLM's price table: ~400k objects) lives as long as the process: frozen, no
+    """What is loaded by now (LiteLLM's price table: ~380k objects) lives as long as the process: frozen, no
     full collection walks it again (~200 ms each, stalling every request in flight). A request makes thousands
     of short-lived objects, so the youngest generation is collected every 10,000 allocations, not 700: at 32
     concurrent requests the collector's share fell from ~0.7 ms a request to ~0.06 (BENCHMARKS.md)."""
