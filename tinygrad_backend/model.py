@@ -18,7 +18,7 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, UOp, nn
+from tinygrad import Device, Tensor, TinyJit, UOp, dtypes, nn
 from tinygrad.device import LRUAllocator
 from tinygrad.helpers import getenv
 from tinygrad.llm.model import Transformer
@@ -99,6 +99,27 @@ def _uninitialized(*shape: int, low: float = 0.0, high: float = 1.0, dtype: Any 
     return Tensor.empty(*shape, dtype=dtype, **kwargs)
 
 
+class InputBuffer:
+    """A JIT input that lives as long as the model. Each call writes its values into the same device buffer,
+    below tinygrad's scheduler: a Tensor made from a list per token costs a scheduling pass per input, which
+    was a fifth of a decode step (BENCHMARKS.md) and tracks the host's Python speed."""
+
+    def __init__(self, rows: int, columns: int, device: str) -> None:
+        self.tensor = Tensor.zeros(rows, columns, dtype=dtypes.int32, device=device).contiguous().realize()
+        self._buffer = self.tensor.uop.base.buffer
+        self._host = np.zeros((rows, columns), dtype=np.int32)
+
+    def write(self, values: Any) -> Tensor:
+        self._host[...] = values
+        self._buffer.copyin(memoryview(self._host))
+        return self.tensor
+
+
+def _read(out: Tensor) -> np.ndarray:
+    """The logits a JIT call wrote: copied out of its output buffer, which the next call overwrites."""
+    return out.uop.base.buffer.numpy().reshape(out.shape)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -135,6 +156,11 @@ class Model:
         self._last = UOp.variable("last", 0, PREFILL_CHUNK - 1)
         self._length = UOp.variable("length", 1, context)
         self._positions = [UOp.variable(f"pos{i}", 0, context - 1) for i in range(slots)]
+        device = Device.DEFAULT
+        self._one_token, self._one_where = InputBuffer(1, 1, device), InputBuffer(1, 2, device)
+        self._chunk_tokens, self._chunk_where = InputBuffer(1, PREFILL_CHUNK, device), InputBuffer(PREFILL_CHUNK, 2, device)
+        self._every_tokens, self._every_where = InputBuffer(slots, 1, device), InputBuffer(slots, 2, device)
+        self._offsets = np.arange(PREFILL_CHUNK, dtype=np.int32)
         # One JIT per shape of work, every shape concrete: tinygrad's kernel heuristics optimize a known shape
         # far better than a symbolic one (a prompt chunk of exactly PREFILL_CHUNK tokens, padded, prefills
         # 2.3x faster here than 1-to-32 tokens did). A chunk of a prompt, one token of one sequence, and
@@ -174,20 +200,20 @@ class Model:
         while pos < end:
             n = min(PREFILL_CHUNK, end - pos)
             sp = self._start.bind(pos)
-            width = 1 if n == 1 else PREFILL_CHUNK
-            where = Tensor([[slot, pos + i] for i in range(width)], dtype="int32")
             if n == 1:
-                out = self._token(Tensor([tokens[pos:pos + 1]], dtype="int32"), s, sp, None, where)
+                where = self._one_where.write((slot, pos))
+                out = self._token(self._one_token.write(tokens[pos]), s, sp, None, where)
             else:
+                where = self._chunk_where.write(np.stack([np.full(PREFILL_CHUNK, slot), pos + self._offsets], axis=1))
                 chunk = tokens[pos:pos + n] + [0] * (PREFILL_CHUNK - n)
-                out = self._chunk(Tensor([chunk], dtype="int32"), s, sp, self._last.bind(n - 1), where)
+                out = self._chunk(self._chunk_tokens.write(chunk), s, sp, self._last.bind(n - 1), where)
             out.realize()  # realizing writes the KV cache
             pos += n
             self._cached[slot] = tokens[:pos]
         if pos < len(tokens):
             return None
         assert out is not None
-        return out.numpy().reshape(-1)
+        return _read(out).reshape(-1)
 
     def next_logits(self, tokens: list[int], slot: int = 0) -> np.ndarray:
         """Logits for the token after `tokens`, feeding only what the slot's KV cache lacks. Shape (vocab,)."""
@@ -214,12 +240,12 @@ class Model:
                 raise ValueError(f"slot {slot}: a decode step feeds exactly one token the cache lacks")
             positions.append(len(seq) - 1)
             tokens.append(seq[-1])
-        where = np.stack([np.arange(self.slots), positions], axis=1).astype(np.int32)
+        where = self._every_where.write(np.stack([np.arange(self.slots), positions], axis=1))
         out = self._every(
-            Tensor(np.array(tokens, dtype=np.int32).reshape(-1, 1)), Tensor(where), self._length.bind(max(positions) + 1),
+            self._every_tokens.write(np.array(tokens).reshape(-1, 1)), where, self._length.bind(max(positions) + 1),
             *[v.bind(p) for v, p in zip(self._positions, positions, strict=True)],
         ).realize()
-        logits = out.numpy()
+        logits = _read(out)
         for slot, seq in sequences.items():
             self._cached[slot] = list(seq)
         return {slot: logits[slot] for slot in sequences}
