@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING
 
 from tinygrad import Device, Tensor, UOp
@@ -35,6 +36,17 @@ def compiler_for(device: DeviceName) -> Compiler | None:
         return None
     renderer = Device[device].renderer
     return renderer.compiler if isinstance(renderer, ClangJITRenderer) else None
+
+
+def kernel_source(file: str) -> str:
+    """A C source from kernels/, shipped as package data."""
+    return (resources.files("tinygrad_backend") / "kernels" / file).read_text(encoding="utf-8")
+
+
+def kernel_text(file: str, name: str, defines: dict[str, object]) -> str:
+    """The C of kernel `name`: its constants as macros (so clang unrolls and vectorizes for each shape), the
+    shared helpers, then kernels/`file` with NAME replaced by the kernel's name."""
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + C_HELPERS + kernel_source(file).replace("NAME", name)
 
 
 @dataclass(frozen=True)
@@ -81,27 +93,5 @@ def _as_buffer(u: UOp) -> UOp:
     return u if base.op in (Ops.PARAM, Ops.BUFFER, Ops.AFTER, Ops.GETTUPLE, Ops.CONTIGUOUS) else u.contiguous()
 
 
-# helpers our C sources share
-C_HELPERS = r"""
-typedef float f32x16 __attribute__((aligned(4), ext_vector_type(16)));
-typedef signed char i8x16 __attribute__((aligned(1), ext_vector_type(16)));
-typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));
-
-static inline float sum16(f32x16 v) {
-  float s = 0;
-  for (int i = 0; i < 16; i++) s += v[i];
-  return s;
-}
-
-// e^x (no libm): 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6 polynomial
-static inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float t = x * 1.44269504089f;
-  float n = __builtin_floorf(t), f = t - n;
-  float p = 1.0f + f * (0.693147182f + f * (0.240226507f + f * (0.0555041087f + f * (0.00961812911f
-          + f * (0.00133335581f + f * 0.000154035304f)))));
-  union { float f; int i; } u = { p };
-  u.i += (int)n << 23;
-  return u.f;
-}
-"""
+# helpers our C sources share, before each kernel's own source
+C_HELPERS = kernel_source("helpers.h")

@@ -15,11 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes, nn
-from tinygrad.device import LRUAllocator
+from tinygrad.device import Buffer, LRUAllocator
 from tinygrad.helpers import getenv
 from tinygrad.llm.model import Transformer
 
@@ -60,8 +59,12 @@ def _load(header: GGUFHeader, context: int, mode: str) -> Transformer:
         # Transformer.__init__ fills every Linear with random values that from_gguf then replaces with the
         # file's; building those lazy random graphs took 1.2 s of a 6 s load here. Loading runs on the engine
         # thread, the only one that touches tinygrad, so swapping the initializer for the load is safe.
-        with mock.patch.object(Tensor, "uniform", _uninitialized):
+        uniform = Tensor.__dict__["uniform"]  # the descriptor itself (a staticmethod), to put back as it was
+        setattr(Tensor, "uniform", _uninitialized)  # noqa: B010 - the swap mypy would refuse as an assignment
+        try:
             net, _ = Transformer.from_gguf(header.path, context, realize=mode not in ("quantized", "packed"))
+        finally:
+            setattr(Tensor, "uniform", uniform)  # noqa: B010
     finally:
         if half is None:
             os.environ.pop("HALF", None)
@@ -96,6 +99,7 @@ def _pack(net: Transformer, header: GGUFHeader) -> None:
 
 
 def _uninitialized(*shape: int, low: float = 0.0, high: float = 1.0, dtype: Any = None, **kwargs: Any) -> Tensor:
+    """Tensor.uniform's signature, without the random values (from_gguf overwrites them all)."""
     return Tensor.empty(*shape, dtype=dtype, **kwargs)
 
 
@@ -106,18 +110,24 @@ class InputBuffer:
 
     def __init__(self, rows: int, columns: int, device: str) -> None:
         self.tensor = Tensor.zeros(rows, columns, dtype=dtypes.int32, device=device).contiguous().realize()
-        self._buffer = self.tensor.uop.base.buffer
+        self._buffer = _buffer(self.tensor)
         self._host = np.zeros((rows, columns), dtype=np.int32)
 
     def write(self, values: Any) -> Tensor:
         self._host[...] = values
-        self._buffer.copyin(memoryview(self._host))
+        self._buffer.copyin(memoryview(self._host.data))
         return self.tensor
+
+
+def _buffer(t: Tensor) -> Buffer:
+    buffer = t.uop.base.buffer
+    assert isinstance(buffer, Buffer), "one device only"
+    return buffer
 
 
 def _read(out: Tensor) -> np.ndarray:
     """The logits a JIT call wrote: copied out of its output buffer, which the next call overwrites."""
-    return out.uop.base.buffer.numpy().reshape(out.shape)
+    return _buffer(out).numpy().reshape(out.shape)
 
 
 @dataclass(frozen=True)
