@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import litellm
@@ -21,28 +23,37 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from proxy import validation
 from proxy.auth import Auth, Caller
-from proxy.errors import ProxyError, from_backend
+from proxy.errors import ProxyError, context_too_long, from_backend
 from proxy.health import HealthMonitor
-from proxy.keys import KeyStore, RateLimiter
+from proxy.keys import Hold, KeyStore, RateLimiter
 from proxy.pricing import token_cost
 from proxy.recorder import Recorder
 from proxy.responses import dumps, json_response, sse
-from proxy.router import Deployment, active_cooldowns, build_router
+from proxy.router import Deployment, active_cooldowns, build_router, cool_down
 from proxy.settings import Settings
 from proxy.shapes import chat_chunk, chat_dict, has_text, text_chunk, text_dict
 from proxy.shared_state import SharedRateLimiter, redis_settings
 from proxy.spend import SpendAPI
 from proxy.store import UsageStore
 from proxy.ui import SavingsPage
-from proxy.usage import RequestTrace, UsageLogger, usage_logger
+from proxy.usage import Attempt, RequestTrace, UsageLogger, usage_logger
 
 log = logging.getLogger("delegate")
 DONE = b"data: [DONE]\n\n"
 BUDGET_DEFAULT_MAX_TOKENS = 4096  # a budgeted request that names no max_tokens is capped at this
 PROMPT_TEMPLATE_BYTES = 256  # what a chat template adds around the messages, at most, in the worst case
+# sent with the messages and rendered into the prompt: by the chat template (tools), or by a provider that turns
+# them into a system prompt or a tool (a cloud fallback); each adds input tokens the budget must cover
+RENDERED_FIELDS = ("tools", "tool_choice", "response_format")
+TOOLS_TEMPLATE_BYTES = 1024  # the instructions wrapped around tools or a format (Anthropic's tool prompt: ~350 tokens)
+
+
+_STATED_CONTEXT = re.compile(r"maximum context length is (\d+)")  # OpenAI's wording, and the tinygrad backend's
+_PROMPT_TOKENS = re.compile(r"(?:messages|prompt) resulted in (\d+) tokens")
 
 
 def _connection_failure(exc: BaseException | None) -> bool:
@@ -65,7 +76,7 @@ class Proxy:
         redis_conn = redis_settings(settings.router_settings)
         self.shared_rates = SharedRateLimiter(redis_conn) if redis_conn else None
         self.usage = usage
-        self.health = HealthMonitor(self.deployments)
+        self.health = HealthMonitor(self.deployments, partial(cool_down, self.router))
         self.known = set(settings.groups)
         self.started = int(time.time())
         self.chain_ids = {g: [i for grp in settings.chain(g) for i, d in self.deployments.items() if d.group == grp]
@@ -78,7 +89,7 @@ class Proxy:
     # --- one request -------------------------------------------------------------------------------
 
     async def _read(self, request: Request) -> tuple[Caller, dict[str, Any]]:
-        caller = self.auth.check(request.headers.get("authorization"))
+        caller = await self.auth.check(request)
         limit = self.settings.delegate.max_request_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -114,10 +125,52 @@ class Proxy:
         untried = [i for i in chain_ids if i not in attempted]
         all_cooling = bool(untried) and all(i in cooling for i in untried) and not failed
         unreachable = (bool(failed) or bool(cooling)) and all(_connection_failure(a.exception) for a in failed)
-        if isinstance(exc, litellm.ContextWindowExceededError) or (
-                failed and all(isinstance(a.exception, litellm.ContextWindowExceededError) for a in failed)):
-            exc = next((a.exception for a in failed if isinstance(a.exception, litellm.ContextWindowExceededError)), exc)  # type: ignore[assignment]
-        return from_backend(exc, unreachable, min(cooling.values()) if all_cooling and cooling else None)
+        too_long = [a for a in failed if isinstance(a.exception, litellm.ContextWindowExceededError)]
+        if isinstance(exc, litellm.ContextWindowExceededError) or (too_long and all(
+                a in too_long or _connection_failure(a.exception) for a in failed)):
+            # some deployment said "too long" and the others could not be reached: the prompt's length is the answer
+            return self._too_long(trace, too_long, failed)
+        down = list(dict.fromkeys(self.deployments[a.deployment_id].model for a in failed
+                                  if a.deployment_id in self.deployments and _connection_failure(a.exception)))
+        return from_backend(exc, unreachable, min(cooling.values()) if all_cooling and cooling else None, down)
+
+    def _too_long(self, trace: RequestTrace, too_long: list[Attempt], failed: list[Attempt]) -> ProxyError:
+        """400 context_length_exceeded naming the largest context that was reachable and the deployments that could
+        not be reached and might take more (context_window_fallbacks whose backend is down or cooling down)."""
+        contexts: dict[str, int] = {}
+        prompt_tokens = None
+        for a in too_long:
+            text = str(a.exception)
+            stated = _STATED_CONTEXT.search(text)
+            known = int(stated.group(1)) if stated else self._known_context(a.deployment_id)
+            if known:
+                contexts[a.deployment_id] = known
+            if prompt_tokens is None and (m := _PROMPT_TOKENS.search(text)):
+                prompt_tokens = int(m.group(1))
+        largest = max(((n, self.deployments[d].model) for d, n in contexts.items() if d in self.deployments), default=None)
+        down = [a.deployment_id for a in failed if _connection_failure(a.exception)]
+        candidates = self.chain_ids.get(trace.alias, []) + self._context_fallback_ids(trace.alias)
+        tried = {a.deployment_id for a in failed}
+        cooling = active_cooldowns(self.router, [i for i in candidates if i not in tried]) if candidates else {}
+        larger = []
+        for dep_id in dict.fromkeys(down + list(cooling)):
+            dep, known = self.deployments.get(dep_id), self._known_context(dep_id)
+            if dep is not None and (known is None or largest is None or known > largest[0]):
+                larger.append(dep.model + (" (cooling down)" if dep_id in cooling else ""))
+        return context_too_long(trace.alias, largest, list(dict.fromkeys(larger)), prompt_tokens,
+                                param="prompt" if trace.endpoint == "text" else "messages")
+
+    def _known_context(self, dep_id: str) -> int | None:
+        probe = self.health.probes.get(dep_id)
+        value = self.model_info.get(dep_id, {}).get("max_input_tokens") or (probe.context_length if probe else None)
+        return int(value) if value else None
+
+    def _context_fallback_ids(self, alias: str) -> list[str]:
+        """The deployments context_window_fallbacks can move a request for `alias` to, from any group of its chain."""
+        chain = self.settings.chain(alias)
+        groups = [g for entry in self.settings.router_settings.get("context_window_fallbacks") or []
+                  for src, dests in entry.items() if src in chain for g in dests]
+        return [i for g in dict.fromkeys(groups) for i, d in self.deployments.items() if d.group == g]
 
     def _kwargs(self, trace: RequestTrace, body: dict[str, Any]) -> dict[str, Any]:
         metadata = {"delegate_request_id": trace.request_id}
@@ -129,7 +182,7 @@ class Proxy:
             kwargs["stream_options"] = {"include_usage": True}  # real token counts, always
         return kwargs
 
-    async def _admit(self, caller: Caller, alias: str, body: dict[str, Any], prompt: Any) -> float | None:
+    async def _admit(self, caller: Caller, alias: str, body: dict[str, Any], prompt: Any) -> Hold | None:
         """An issued key's limits: its aliases, its request rate, and a reservation on its budget."""
         issued = caller.issued
         if issued is None:
@@ -142,23 +195,42 @@ class Proxy:
                              code="rate_limited", retry_after=wait)
         if issued.budget_usd is None:
             return None
-        # the worst case: every byte of the prompt a token, every allowed completion token used
+        # the worst case: every byte of the prompt (tools included) a token, every allowed completion token used
         completion = body.get("max_completion_tokens") or body.get("max_tokens")
         if completion is None:
             completion = body["max_tokens"] = BUDGET_DEFAULT_MAX_TOKENS
-        prompt_bytes = len(dumps(prompt)) + PROMPT_TEMPLATE_BYTES
+        prompt_bytes = _worst_prompt_bytes(body, prompt)
         amount = token_cost(self.settings.delegate.reference_model, prompt_bytes, int(completion))
         try:
-            reserved = self.keys.reserve(issued.key_id, amount)
+            reserved = await self._reserve(issued.key_id, amount)
         except Exception as e:
             raise ProxyError(503, f"the key's budget cannot be checked now: {e}", type_="service_unavailable",
                              code="budget_unavailable", retry_after=5) from e
         if not reserved:
-            current = self.keys.get(issued.key_id) or issued
+            try:
+                current = await asyncio.to_thread(self.keys.get, issued.key_id) or issued
+            except Exception:  # noqa: BLE001 - only for the message: what the key check read will do
+                current = issued
             raise ProxyError(429, f"this key's budget of ${issued.budget_usd:.2f} would be exceeded (spent "
                                   f"${current.spent_usd:.4f}, held ${current.reserved_usd:.4f}, this request up to "
                                   f"${amount:.4f})", type_="insufficient_quota", code="insufficient_quota")
-        return amount
+        return reserved
+
+    async def _reserve(self, kid: str, amount: float) -> Hold | None:
+        """keys.reserve in a worker thread, off the event loop. A request cancelled while the thread runs does not
+        leave its hold behind: the hold is released as soon as the thread has made it."""
+        reserving = asyncio.ensure_future(asyncio.to_thread(self.keys.reserve, kid, amount))
+        try:
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(self._release_orphan)
+            raise
+
+    def _release_orphan(self, reserving: asyncio.Future[Hold | None]) -> None:
+        if reserving.cancelled() or reserving.exception() is not None or (hold := reserving.result()) is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: the shutdown's own release takes it
+            asyncio.get_running_loop().run_in_executor(None, self.keys.settle, hold, 0.0)
 
     async def _rate(self, kid: str, rpm: int) -> float | None:
         if self.shared_rates is not None:
@@ -172,9 +244,9 @@ class Proxy:
         validation.check_messages(body)
         validation.check_common(body)
         validation.check_tools(body)
-        reserved = await self._admit(caller, alias, body, body["messages"])
+        hold = await self._admit(caller, alias, body, body["messages"])
         trace = self.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, self.recorder.record)
-        trace.reserved = reserved
+        trace.hold = hold
         trace.prompt = body["messages"]
         kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -186,9 +258,9 @@ class Proxy:
         alias = validation.check_model(body, self.known, self.settings.aliases)
         validation.check_prompt(body)
         validation.check_common(body)
-        reserved = await self._admit(caller, alias, body, body["prompt"])
+        hold = await self._admit(caller, alias, body, body["prompt"])
         trace = self.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, self.recorder.record)
-        trace.reserved = reserved
+        trace.hold = hold
         prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
         trace.prompt = prompt
         kwargs = {**self._kwargs(trace, body), "prompt": prompt}
@@ -201,6 +273,11 @@ class Proxy:
             async with asyncio.timeout(self.settings.delegate.request_timeout_s):  # no extra task, unlike wait_for
                 result = await call(**kwargs)
         except ProxyError:
+            raise
+        except asyncio.CancelledError:
+            # shutdown's grace period ran out and uvicorn cancels what still runs: the row and the release of the
+            # budget hold must not go down with the task
+            self.usage.end(trace, "cancelled", ConnectionAbortedError("the proxy shut down before the answer came"))
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the Router raised becomes an OpenAI error
             if isinstance(exc, TimeoutError):
@@ -222,14 +299,28 @@ class Proxy:
             trace.backend_timings = (getattr(result, "_hidden_params", None) or {}).get("timings")
             self.usage.end(trace, "success")
             return json_response(to_dict(result, served_model), headers=headers)
-        return StreamingResponse(self._stream(trace, result, include_usage, served_model, to_chunk),
-                                 media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        body = self._stream(trace, result, include_usage, served_model, to_chunk)
+        return _TracedStream(body, partial(self._stream_closed, trace, result, body),
+                             media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+
+    async def _stream_closed(self, trace: RequestTrace, stream: Any, body: AsyncGenerator[bytes, None]) -> None:
+        """However the response ended, its trace is closed now."""
+        with contextlib.suppress(Exception):
+            await body.aclose()  # a generator left at a yield runs its finally now, not when it is collected
+        if trace.status == "pending":  # the generator never ran: the client left before its first chunk
+            self.close_unfinished(trace, ConnectionAbortedError("the client went away before the stream began"))
+            await _close_backend(stream)
+
+    def close_unfinished(self, trace: RequestTrace, error: BaseException) -> None:
+        """Close a trace its request left open: what it delivered is counted and priced, and its hold settled."""
+        dep = self.deployments.get(trace.served_by or "")
+        _count_cut_short(trace, dep.model if dep else trace.alias)
+        self.usage.end(trace, "partial" if trace.delivered else "cancelled", error)
 
     async def _stream(self, trace: RequestTrace, stream: Any, include_usage: bool, model: str,
-                      to_chunk: Any) -> AsyncIterator[bytes]:
+                      to_chunk: Any) -> AsyncGenerator[bytes, None]:
         status = "partial"
         error: BaseException | None = None
-        content_chunks = 0  # each chunk is about one token: the count that stands when no usage chunk arrives
         try:
             async for chunk in stream:
                 chunk_usage = getattr(chunk, "usage", None)
@@ -245,7 +336,7 @@ class Proxy:
                 if chunk_usage is not None and not out["choices"] and not include_usage:
                     continue
                 if out["choices"] and has_text(out["choices"][0]):
-                    content_chunks += 1
+                    trace.delivered += 1  # about one token: the count that stands when no usage chunk arrives
                     if trace.first_token_at is None:
                         trace.first_token_at = time.perf_counter()
                 if not include_usage:
@@ -264,20 +355,15 @@ class Proxy:
         finally:
             trace.finished_at = time.perf_counter()
             if status != "success":
-                trace.completion_tokens = max(trace.completion_tokens, content_chunks)
-                if not trace.prompt_tokens:
-                    trace.prompt_tokens = _estimate_prompt_tokens(trace, model)
+                _count_cut_short(trace, model)
             self.usage.end(trace, status, error)
-            with contextlib.suppress(Exception):
-                inner = getattr(stream, "completion_stream", None)
-                if inner is not None and hasattr(inner, "aclose"):
-                    await inner.aclose()  # closes the backend connection, which stops its generation
+            await _close_backend(stream)
         yield DONE
 
     # --- listing and health ------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        self.auth.check(request.headers.get("authorization"))
+        await self.auth.check(request)
         data = []
         for group in self.settings.groups:
             is_alias = group in self.settings.delegate.aliases
@@ -330,12 +416,55 @@ class Proxy:
         return json_response(body, status=200 if not problems else 503)
 
     async def health_report(self, request: Request) -> Response:
-        self.auth.check(request.headers.get("authorization"))
+        caller = await self.auth.check(request)
         cooldowns = active_cooldowns(self.router, list(self.deployments))
         deployments = self.health.report(cooldowns)
+        if caller.issued is not None:  # status for anyone let in; where the backends live, for the operator only
+            deployments = [{**d, "api_base": None, "detail": None} for d in deployments]
         healthy = [d for d in deployments if d["status"] in ("ready", "not_probed") and d["cooldown_remaining_s"] is None]
         return json_response({"healthy_count": len(healthy), "unhealthy_count": len(deployments) - len(healthy),
                       "deployments": deployments})
+
+
+class _TracedStream(StreamingResponse):
+    """An SSE response that closes its request's trace however it ends. The generator does so itself once it
+    runs; one the client left before asking for the first chunk never runs, and would leave no row and its
+    budget hold held for as long as the process lives."""
+
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(body, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+async def _close_backend(stream: Any) -> None:
+    """Close the backend connection of a stream, which stops its generation."""
+    with contextlib.suppress(Exception):
+        inner = getattr(stream, "completion_stream", None)
+        if inner is not None and hasattr(inner, "aclose"):
+            await inner.aclose()
+
+
+def _count_cut_short(trace: RequestTrace, model: str) -> None:
+    """A request that ended before its usage came: one token per content chunk sent, the prompt counted here."""
+    trace.completion_tokens = max(trace.completion_tokens, trace.delivered)
+    if not trace.prompt_tokens:
+        trace.prompt_tokens = _estimate_prompt_tokens(trace, model)
+
+
+def _worst_prompt_bytes(body: dict[str, Any], prompt: Any) -> int:
+    """The prompt's size as the backend will see it, in bytes: the messages, the template around them, and the
+    tools and format rendered in with them."""
+    size = len(dumps(prompt)) + PROMPT_TEMPLATE_BYTES
+    size += sum(len(dumps(body[k])) for k in RENDERED_FIELDS if body.get(k) is not None)
+    if body.get("tools") or body.get("response_format") is not None:
+        size += TOOLS_TEMPLATE_BYTES
+    return size
 
 
 def _estimate_prompt_tokens(trace: RequestTrace, model: str) -> int:
@@ -377,14 +506,15 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings, master_key: str | None, store: UsageStore | None = None) -> Starlette:
     proxy = Proxy(settings, master_key, store or UsageStore.open())
 
-    def check_key(request: Request) -> None:
-        proxy.auth.check_admin(request.headers.get("authorization"))
+    async def check_key(request: Request) -> None:
+        await proxy.auth.check_admin(request)
 
     spend = SpendAPI(proxy.store, check_key)
-    savings = SavingsPage(proxy.store, settings.delegate.reference_model, check_key)
+    savings = SavingsPage(proxy.store, settings.delegate.reference_model, proxy.auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.recorder.tend_holds()  # the holds a crashed process left are released before the first request
         proxy.recorder.start()
         await proxy.health.start()
         try:
@@ -392,6 +522,9 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
         finally:
             proxy.draining = True
             await proxy.health.stop()
+            # what shutdown's grace period cut off: its rows are written and its holds settled before the store closes
+            for trace in proxy.usage.unfinished(proxy.recorder.record):
+                proxy.close_unfinished(trace, ConnectionAbortedError("the proxy shut down before the request finished"))
             await proxy.usage.drain()
             await proxy.recorder.stop()
             if proxy.shared_rates is not None:
@@ -412,6 +545,8 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
         Route("/global/spend/report", spend.report, methods=["GET"]),
         Route("/ui", savings.page, methods=["GET"]),
         Route("/ui/data", savings.data, methods=["GET"]),
+        Route("/ui/login", savings.login, methods=["POST"]),
+        Route("/ui/logout", savings.logout, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected})

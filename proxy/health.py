@@ -1,15 +1,19 @@
 """Is each deployment reachable? Cheap probes in the background, never an inference call.
 
 On a CPU one inference call can take a minute, so health is judged by the endpoints each server
-offers for it: the tinygrad backend's /health (which also says `loading`), Ollama's /api/version, an
-OpenAI-compatible server's /v1/models. Cloud deployments are not probed: they are assumed reachable
-and the Router's cooldowns speak for them.
+offers for it: the tinygrad backend's /health (which also says `loading`, or `unhealthy` with the
+reason when its engine cannot serve), Ollama's /api/version, an OpenAI-compatible server's /v1/models.
+Cloud deployments are not probed: they are assumed reachable and the Router's cooldowns speak for them.
+A backend that says it is unhealthy is put into the Router's cooldown until a probe finds it well, so
+its chains fall back at once instead of waiting on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,14 +21,16 @@ import httpx
 
 from proxy.router import Deployment
 
-PROBE_INTERVAL_S = 10.0
+PROBE_INTERVAL_S = 5.0
 PROBE_TIMEOUT_S = 2.0
+UNHEALTHY_COOLDOWN_S = 2 * PROBE_INTERVAL_S + PROBE_TIMEOUT_S  # renewed by every probe that finds it so
+log = logging.getLogger("delegate")
 
 
 @dataclass
 class Probe:
     reachable: bool | None  # None: not probed (cloud)
-    status: str  # ready | loading | unreachable | error | not_probed
+    status: str  # ready | loading | unhealthy | unreachable | error | not_probed
     detail: str | None = None
     checked_at: float | None = None
     context_length: int | None = None  # what a tinygrad backend reports
@@ -44,8 +50,11 @@ def _probe_url(d: Deployment) -> str | None:
 
 
 class HealthMonitor:
-    def __init__(self, deployments: dict[str, Deployment]) -> None:
+    def __init__(self, deployments: dict[str, Deployment],
+                 cool_down: Callable[[str, str, float], None] | None = None) -> None:
+        """`cool_down(deployment id, reason, seconds)` takes an unhealthy deployment out of rotation."""
         self.deployments = deployments
+        self.cool_down = cool_down
         self.probes: dict[str, Probe] = {i: Probe(None, "not_probed") for i in deployments}
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
@@ -78,7 +87,11 @@ class HealthMonitor:
         results = await asyncio.gather(*(self._probe(url) for url in by_url))
         for ids, probe in zip(by_url.values(), results, strict=True):
             for dep_id in ids:
+                if probe.status == "unhealthy" and self.probes[dep_id].status != "unhealthy":
+                    log.error("deployment %s is unhealthy: %s", dep_id, probe.detail)
                 self.probes[dep_id] = probe
+                if probe.status == "unhealthy" and self.cool_down is not None:
+                    self.cool_down(dep_id, f"unhealthy: {probe.detail}", UNHEALTHY_COOLDOWN_S)
 
     async def _probe(self, url: str) -> Probe:
         assert self._client is not None
@@ -87,20 +100,21 @@ class HealthMonitor:
             r = await self._client.get(url)
         except httpx.HTTPError as e:
             return Probe(False, "unreachable", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, now)
-        if r.status_code == 503 and url.endswith("/health"):
-            try:
-                context = int(r.json().get("context_length") or 0) or None
-            except (ValueError, AttributeError):
-                context = None
-            return Probe(True, "loading", "the backend is loading its model", now, context)
-        if r.status_code >= 400:
-            return Probe(True, "error", f"HTTP {r.status_code}", now)
+        body: dict[str, Any] = {}
         context = None
         if url.endswith("/health"):
             try:
-                context = int(r.json().get("context_length") or 0) or None
-            except (ValueError, AttributeError):
-                context = None
+                body = r.json()
+                context = int(body.get("context_length") or 0) or None
+            except (ValueError, AttributeError, TypeError):
+                body, context = {}, None
+        if r.status_code == 503 and body.get("status") == "unhealthy":
+            return Probe(True, "unhealthy", str(body.get("problem") or "the backend says it is unhealthy")[:300], now,
+                         context)
+        if r.status_code == 503 and url.endswith("/health"):
+            return Probe(True, "loading", "the backend is loading its model", now, context)
+        if r.status_code >= 400:
+            return Probe(True, "error", f"HTTP {r.status_code}", now)
         return Probe(True, "ready", None, now, context)
 
     def any_ready(self) -> bool:

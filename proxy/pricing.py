@@ -48,7 +48,8 @@ def energy_cost(watts: float, seconds: float, usd_per_kwh: float) -> float:
 
 def costs(reference_model: str, deployment: Deployment | None, prompt_tokens: int, completion_tokens: int,
           generation_s: float, delivered: bool, usd_per_kwh: float, default_watts: float) -> Costs:
-    """The reference price counts only work the client received in full; the local cost counts all work done."""
+    """The reference price counts only work the client received (`delivered`: an answer, whole or cut short, with
+    the tokens it carried); the local cost counts all work done."""
     reference = token_cost(reference_model, prompt_tokens, completion_tokens) if delivered else 0.0
     if deployment is None:
         return Costs(reference, 0.0)

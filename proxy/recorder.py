@@ -4,6 +4,11 @@ Rows wait in memory and a background task writes them in batches on a worker thr
 waits for the disk. A failed write keeps its rows and is retried with backoff (a locked or read-only
 file, a Postgres restart); /health/readiness shows the problem meanwhile. Shutdown flushes what is
 pending. The store's primary key makes a retried batch harmless.
+
+An issued key's budget hold is settled here with the row's reference cost: what the client received, whole
+or cut short, is spent; a request that delivered nothing releases its hold. A settlement the store refuses is
+retried with the hold upkeep (every HOLD_RENEW_S: renew this process's holds, release those of processes
+that died holding them; proxy/keys.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.keys import KeyStore
+from proxy.keys import HOLD_RENEW_S, Hold, KeyStore
 from proxy.pricing import costs
 from proxy.router import Deployment
 from proxy.settings import DelegateSettings
@@ -38,14 +43,18 @@ class Recorder:
         self.spool: Path = delegate_home() / "pending-usage.jsonl"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._holds_task: asyncio.Task[None] | None = None
+        self.unsettled: list[tuple[Hold, float]] = []  # settlements the store refused, retried with the upkeep
 
     # --- the row -----------------------------------------------------------------------------------
 
     def row(self, trace: RequestTrace) -> dict[str, Any]:
         dep = self.deployments.get(trace.served_by or "")
         chain = self.chains.get(trace.alias, [])
+        # a stream cut short (by the client, the backend or a shutdown) delivered what it sent: that is priced too
+        delivered = trace.status == "success" or trace.completion_tokens > 0
         price = costs(self.settings.reference_model, dep, trace.prompt_tokens, trace.completion_tokens, trace.generation_s,
-                      delivered=trace.status == "success", usd_per_kwh=self.settings.electricity_usd_per_kwh,
+                      delivered=delivered, usd_per_kwh=self.settings.electricity_usd_per_kwh,
                       default_watts=self.settings.default_power_watts)
         attempts = [{"deployment": a.deployment_id, "model": a.model, "ok": a.ok, "error_class": a.error_class}
                     for a in trace.attempts]
@@ -70,11 +79,47 @@ class Recorder:
         row = self.row(trace)
         self.pending.append(row)
         self._wake.set()
-        if trace.reserved is not None and trace.key_id is not None:
-            try:
-                await asyncio.to_thread(self.keys.settle, trace.key_id, trace.reserved, row["reference_cost"])
-            except Exception as e:  # noqa: BLE001 - the reservation stays held: the budget errs on the safe side
-                log.error("could not settle the budget of %s: %s", trace.key_id, e)
+        if trace.hold is not None:
+            await self._settle(trace.hold, row["reference_cost"])
+
+    async def _settle(self, hold: Hold, cost: float) -> bool:
+        try:
+            await asyncio.to_thread(self.keys.settle, hold, cost)
+            return True
+        except Exception as e:  # noqa: BLE001 - the hold stays held meanwhile: the budget errs on the safe side
+            log.error("could not settle the budget of %s (retrying): %s", hold.key_id, e)
+            self.unsettled.append((hold, cost))
+            return False
+
+    # --- budget holds --------------------------------------------------------------------------------
+
+    async def tend_holds(self) -> None:
+        """Retry refused settlements, renew this process's holds, release the holds of processes that died."""
+        await self._retry_settlements()
+        try:
+            await asyncio.to_thread(self.keys.renew)
+            freed = await asyncio.to_thread(self.keys.reclaim_stale)
+            drift = await asyncio.to_thread(self.keys.reconcile)
+        except Exception as e:  # noqa: BLE001 - tried again in HOLD_RENEW_S
+            log.error("budget holds could not be renewed or reconciled: %s", e)
+            return
+        if freed:
+            log.warning("released %d budget holds ($%.4f) left by a process that stopped: keys %s", len(freed),
+                        sum(h.amount for h in freed), ", ".join(sorted({h.key_id for h in freed})))
+        for kid, was, now in drift:
+            log.warning("the budget held on %s was $%.4f with $%.4f in hold rows: set to $%.4f", kid, was, now, now)
+
+    async def _retry_settlements(self) -> None:
+        retry, self.unsettled = self.unsettled, []
+        for i, (hold, cost) in enumerate(retry):
+            if not await self._settle(hold, cost):  # the store still refuses: keep the rest for the next try
+                self.unsettled.extend(retry[i + 1:])
+                return
+
+    async def _keep_holds(self) -> None:
+        while True:
+            await asyncio.sleep(HOLD_RENEW_S)
+            await self.tend_holds()
 
     # --- writing -----------------------------------------------------------------------------------
 
@@ -88,6 +133,7 @@ class Recorder:
             except (OSError, ValueError) as e:
                 log.error("cannot read the pending usage rows in %s: %s", self.spool, e)
         self._task = asyncio.create_task(self._run())
+        self._holds_task = asyncio.create_task(self._keep_holds())
         self._wake.set()
 
     async def _run(self) -> None:
@@ -136,11 +182,25 @@ class Recorder:
                           len(self.pending), self.last_error, self.spool, e)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """After the usage logger is drained: write what is pending, then settle and release every hold."""
+        for task in (self._task, self._holds_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.flush()
+        await self._retry_settlements()
+        if self.unsettled:
+            log.error("%d budget settlements ($%.4f) could not be written; their holds are released uncharged",
+                      len(self.unsettled), sum(cost for _, cost in self.unsettled))
+        try:
+            # every request is closed and settled by now: a hold still here has no request left to settle it
+            leftover = await asyncio.to_thread(self.keys.release_own)
+        except Exception as e:  # noqa: BLE001 - they go stale and the next start (or another replica) releases them
+            log.error("budget holds could not be released at shutdown: %s", e)
+            return
+        if leftover:
+            log.warning("released %d budget holds no request settled", len(leftover))
 
     def problem(self) -> str | None:
         if self.last_error:

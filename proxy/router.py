@@ -106,3 +106,9 @@ def active_cooldowns(router: litellm.Router, ids: list[str]) -> dict[str, float]
             left[model_id] = remaining
     return left
 
+
+
+def cool_down(router: litellm.Router, deployment: str, reason: str, seconds: float) -> None:
+    """Take a deployment out of rotation for `seconds`, as the Router does after failures: its chains fall back
+    without trying it. Shared through Redis when the Router's cooldowns are."""
+    router.health().cooldowns.add_deployment_to_cooldown(deployment, RuntimeError(reason), 503, seconds)

@@ -2,8 +2,8 @@
 
 Order matters: a broken config or a port that is taken stops everything before any process starts
 (exit status 2). The backend starts first and the proxy once the backend answers HTTP (it may still be
-loading its model; /health/readiness says so). Ctrl-C or SIGTERM stops the proxy, which drains, and
-then the backend.
+loading its model; /health/readiness says so), and is started again whenever it exits on its own
+(backend_process.py). Ctrl-C or SIGTERM stops the proxy, which drains, and then the backend.
 """
 
 from __future__ import annotations
@@ -16,22 +16,19 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from proxy.settings import BackendSettings, ConfigError, Settings
+from proxy.backend_process import LocalBackend, StartError
+from proxy.settings import ConfigError, Settings
 from proxy.store import StoreError, UsageStore
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("delegate")
 EXIT_BAD_START = 2
-
-
-class StartError(Exception):
-    """The proxy cannot start as asked; the message says why."""
 
 
 class _Stopped(Exception):
@@ -64,53 +61,6 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def backend_url(b: BackendSettings) -> str:
-    return f"http://{b.host}:{b.port}"
-
-
-def _answers(url: str) -> bool:
-    try:
-        httpx.get(url + "/health", timeout=1.0)
-        return True
-    except httpx.HTTPError:
-        return False
-
-
-def start_backend(b: BackendSettings) -> subprocess.Popen[bytes] | None:
-    """Start the tinygrad backend unless one already answers at its address; wait until it answers."""
-    url = backend_url(b)
-    if _answers(url):
-        log.info("using the tinygrad backend already running at %s", url)
-        return None
-    cmd = [sys.executable, "-m", "tinygrad_backend", "--model", b.model, "--host", b.host, "--port", str(b.port),
-           "--max-context", str(b.max_context), "--parallel", str(b.parallel)]
-    if b.device:
-        cmd += ["--device", b.device]
-    cmd += ["--weights", b.weights] + (["--beam", str(b.beam)] if b.beam else [])
-    log.info("starting the tinygrad backend: %s", " ".join(cmd[1:]))
-    proc = subprocess.Popen(cmd)  # its progress lines go to our stderr
-    deadline = time.monotonic() + b.start_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StartError(f"the tinygrad backend exited with status {proc.returncode} before it answered")
-        if _answers(url):
-            return proc
-        time.sleep(0.2)
-    stop_backend(proc)
-    raise StartError(f"the tinygrad backend did not answer at {url} within {b.start_timeout_s:.0f}s")
-
-
-def stop_backend(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def tune_collector() -> None:
     """What is loaded by now (LiteLLM's price table: ~380k objects) lives as long as the process: frozen, no
     full collection walks it again (~200 ms each, stalling every request in flight). A request makes thousands
@@ -140,6 +90,16 @@ def load_settings(config: Path) -> Settings:
     return settings
 
 
+def server_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """How `delegate serve` runs the app: uvloop, httptools with a header timeout (slowloris), a 30 s drain."""
+    import uvicorn
+
+    from proxy.header_timeout import with_header_timeout
+
+    return uvicorn.Config(app, loop="uvloop", http=with_header_timeout(settings.delegate.header_timeout_s),
+                          log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+
+
 class _JSONLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
@@ -158,7 +118,7 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True, json_lo
         settings = load_settings(config)
         store = UsageStore.open()
         sock = bind(host, port)
-        proc = start_backend(settings.delegate.backend) if with_backend and settings.delegate.backend else None
+        backend = LocalBackend.start(settings.delegate.backend) if with_backend and settings.delegate.backend else None
     except (ConfigError, StartError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_START
@@ -169,8 +129,7 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True, json_lo
 
         app = create_app(settings, master_key, store)
         tune_collector()
-        server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning",
-                                               access_log=False, timeout_graceful_shutdown=30))
+        server = uvicorn.Server(server_config(app, settings))
         log.info("delegate proxy on http://%s:%d/v1 (aliases: %s)", host, port, ", ".join(settings.aliases))
         # uvicorn drains on SIGINT/SIGTERM, then raises the signal again with the handler it found: make that
         # handler raise, so the default action does not kill us before the backend is stopped below
@@ -178,5 +137,6 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True, json_lo
         with contextlib.suppress(KeyboardInterrupt, _Stopped):
             server.run(sockets=[sock])
     finally:
-        stop_backend(proc)
+        if backend is not None:
+            backend.stop()
     return 0

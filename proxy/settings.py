@@ -55,6 +55,7 @@ class DelegateSettings(BaseModel):
     default_power_watts: float = Field(0.0, ge=0)  # for a local deployment without model_info.power_watts
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(600, gt=0)  # whole request, fallbacks included
+    header_timeout_s: float = Field(10, gt=0)  # a connection whose request headers take longer is closed
     backend: BackendSettings | None = Field(default_factory=lambda: BackendSettings())
 
 

@@ -2,13 +2,15 @@
 
 GET /spend/logs            rows in LiteLLM's SpendLogs shape, with our `saved` and `reference_cost`
 GET /global/spend/report   spend per day, grouped by api_key, model, task or day
-Both are guarded by the master key when one is set.
+Both take the master key when one is set; without one, only clients on this machine and never an issued
+key (auth.py's check_admin).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -75,11 +77,11 @@ def spend_log(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class SpendAPI:
-    def __init__(self, store: UsageStore, check_key: Any) -> None:
+    def __init__(self, store: UsageStore, check_key: Callable[[Request], Awaitable[object]]) -> None:
         self.store, self.check_key = store, check_key
 
     async def logs(self, request: Request) -> Response:
-        self.check_key(request)
+        await self.check_key(request)
         q = request.query_params
         api_key = q.get("api_key")
         rows = await asyncio.to_thread(
@@ -89,7 +91,7 @@ class SpendAPI:
         return json_response([spend_log(r) for r in rows])
 
     async def report(self, request: Request) -> Response:
-        self.check_key(request)
+        await self.check_key(request)
         q = request.query_params
         group_by = q.get("group_by") or "api_key"
         field = {"api_key": "key_id", "model": "model", "task": "alias", "alias": "alias", "team": "alias"}.get(group_by)

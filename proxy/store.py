@@ -17,7 +17,10 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Run = Callable[[str, Iterable[Any]], list[tuple[Any, ...]]]  # one statement inside a transaction
 
 COLUMNS = (
     "request_id", "created_at", "alias", "endpoint", "stream", "status", "served_by", "model", "backend", "device",
@@ -88,7 +91,24 @@ def m002_keys(db: Database) -> None:
         )""")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys]
+def m003_holds(db: Database) -> None:
+    """One row per budget hold, so a hold outlives neither its request nor its process (proxy/keys.py)."""
+    real = db.real
+    db.execute(f"""
+        CREATE TABLE holds (
+            hold_id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            amount {real} NOT NULL,
+            owner TEXT NOT NULL,
+            created_at {real} NOT NULL,
+            renewed_at {real} NOT NULL
+        )""")
+    db.execute("CREATE INDEX holds_renewed_at ON holds (renewed_at)")
+    db.execute("CREATE INDEX holds_owner ON holds (owner)")
+    db.execute("CREATE INDEX holds_key_id ON holds (key_id)")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys, m003_holds]
 
 
 # --- the two databases -----------------------------------------------------------------------------------
@@ -97,12 +117,17 @@ class Database:
     """The little that differs between SQLite and Postgres, behind one face. Placeholders are `?`."""
 
     real = "REAL"
+    for_update = ""  # row locks inside a transaction (SQLite's BEGIN IMMEDIATE already locks the whole file)
     url: str
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
     def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def transaction(self, work: Callable[[Run], T]) -> T:
+        """Run `work(run)` in one transaction: every statement it runs commits together, or none does."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -136,12 +161,27 @@ class SQLiteDatabase(Database):
                 self._conn.execute("ROLLBACK")
                 raise
 
+    def transaction(self, work: Callable[[Run], T]) -> T:
+        def run(sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(run)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return result
+
     def close(self) -> None:
         self._conn.close()
 
 
 class PostgresDatabase(Database):
     real = "DOUBLE PRECISION"
+    for_update = " FOR UPDATE"
 
     def __init__(self, url: str) -> None:
         try:
@@ -181,6 +221,16 @@ class PostgresDatabase(Database):
             conn = self._live()
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(self._sql(sql), rows)
+
+    def transaction(self, work: Callable[[Run], T]) -> T:
+        with self._lock:
+            conn = self._live()
+            with conn.transaction(), conn.cursor() as cur:
+                def run(sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+                    cur.execute(self._sql(sql), tuple(params))
+                    return cur.fetchall() if cur.description else []
+
+                return work(run)
 
     def close(self) -> None:
         self._conn.close()

@@ -6,7 +6,10 @@ LiteLLM exceptions the Router retries and falls back on:
 
   connection refused, 503 while loading  -> ServiceUnavailableError
   400 context_length_exceeded            -> ContextWindowExceededError (context_window_fallbacks)
+  429 (its wait queue is full)           -> RateLimitError
   no answer within the deployment timeout -> Timeout
+
+A deployment's `api_key` (the backend's --api-key) is sent as a Bearer token.
 
 The backend's own timings (time to first token, decode tokens/s, device) travel in the response's
 `provider_specific_fields["timings"]`, where the usage callback reads them.
@@ -49,6 +52,10 @@ def _body(model: str, messages: list, optional_params: dict, litellm_params: dic
     return body
 
 
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _url(api_base: str | None) -> str:
     return (api_base or DEFAULT_API_BASE).rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
 
@@ -64,6 +71,8 @@ def _error_from_status(status: int, text: str, model: str) -> Exception:
         return litellm.ContextWindowExceededError(message, model=model, llm_provider=PROVIDER, response=response)
     if status == 503:
         return litellm.ServiceUnavailableError(message, llm_provider=PROVIDER, model=model, response=response)
+    if status == 429:
+        return litellm.RateLimitError(message, llm_provider=PROVIDER, model=model, response=response)
     if status == 404:
         return litellm.NotFoundError(message, model=model, llm_provider=PROVIDER, response=response)
     if status == 400:
@@ -170,7 +179,7 @@ class TinygradProvider(CustomLLM):
                           logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
         try:
             r = await self._aclient().post(_url(api_base), json=_body(model, messages, optional_params, litellm_params, False),
-                                           timeout=_timeout(timeout))
+                                           headers=_headers(api_key), timeout=_timeout(timeout))
         except httpx.HTTPError as e:
             raise _error_from_transport(e, model, api_base) from e
         if r.status_code != 200:
@@ -182,7 +191,7 @@ class TinygradProvider(CustomLLM):
                    logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
         try:
             r = self._client().post(_url(api_base), json=_body(model, messages, optional_params, litellm_params, False),
-                                    timeout=_timeout(timeout))
+                                    headers=_headers(api_key), timeout=_timeout(timeout))
         except httpx.HTTPError as e:
             raise _error_from_transport(e, model, api_base) from e
         if r.status_code != 200:
@@ -195,7 +204,8 @@ class TinygradProvider(CustomLLM):
                          encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                          logger_fn=None, headers={}, timeout=None, client=None) -> AsyncIterator[GenericStreamingChunk]:  # noqa: B006
         body = _body(model, messages, optional_params, litellm_params, True)
-        request = self._aclient().build_request("POST", _url(api_base), json=body, timeout=_timeout(timeout))
+        request = self._aclient().build_request("POST", _url(api_base), json=body, headers=_headers(api_key),
+                                                timeout=_timeout(timeout))
         parser = _SSE(model)
         try:
             r = await self._aclient().send(request, stream=True)
@@ -216,7 +226,7 @@ class TinygradProvider(CustomLLM):
         parser = _SSE(model)
         try:
             with self._client().stream("POST", _url(api_base), json=_body(model, messages, optional_params, litellm_params, True),
-                                       timeout=_timeout(timeout)) as r:
+                                       headers=_headers(api_key), timeout=_timeout(timeout)) as r:
                 if r.status_code != 200:
                     raise _error_from_status(r.status_code, r.read().decode(errors="replace"), model)
                 for line in r.iter_lines():

@@ -1,8 +1,13 @@
 """The savings page at /ui: saved dollars over time, per task, and the latest requests, refreshing itself.
 
 The page (ui.html) is static and holds no data; it draws its chart from /ui/data with its own few lines
-of script, so it works on a machine with no internet. With a master key set, open /ui?key=<key>: the
-page sends the key with its data requests.
+of script, so it works on a machine with no internet. With a master key set, the page shows a sign-in form:
+it POSTs the key to /ui/login as JSON, which answers with an HttpOnly, SameSite=Strict cookie for Path=/ui
+holding a session token (an HMAC under the master key with an expiry, never the key itself: auth.py); the
+page's data requests carry that cookie. Scripts may send `Authorization: Bearer <master key>` to /ui/data
+instead. The key never goes in the address: `?key=` would leave it in access logs and the browser's history,
+and is refused with a message saying so. Without a master key the page answers on this machine only, with
+no sign-in.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from proxy import report
-from proxy.errors import bad_request
+from proxy.auth import SESSION_COOKIE, SESSION_S, Auth, check_json_body
+from proxy.errors import ProxyError, bad_request, unauthorized
 from proxy.responses import json_response
 from proxy.store import UsageStore
+from proxy.validation import parse_json
 
 PAGE = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
 RECENT = 20
+LOGIN_MAX_BYTES = 4096
 
 
 def page_data(rows: list[dict[str, Any]], days: int, reference_model: str, now: float) -> dict[str, Any]:
@@ -43,18 +51,58 @@ def page_data(rows: list[dict[str, Any]], days: int, reference_model: str, now: 
                                           "completion_tokens", "latency_s", "saved")} for r in recent]}
 
 
+def _no_key_in_url(request: Request) -> None:
+    if "key" in request.query_params:
+        raise bad_request("the key does not go in the address (it would stay in access logs and the browser's "
+                          "history): open /ui and sign in with the form, or send 'Authorization: Bearer <key>' to "
+                          "/ui/data", param="key", code="key_in_url")
+
+
 class SavingsPage:
-    def __init__(self, store: UsageStore, reference_model: str, check_key: Any) -> None:
-        self.store, self.reference_model, self.check_key = store, reference_model, check_key
+    def __init__(self, store: UsageStore, reference_model: str, auth: Auth) -> None:
+        self.store, self.reference_model, self.auth = store, reference_model, auth
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(PAGE)
+        _no_key_in_url(request)
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                                           "Referrer-Policy": "no-referrer"})
 
     async def data(self, request: Request) -> Response:
-        self.check_key(request)
+        _no_key_in_url(request)
+        caller = await self.auth.check_admin(request, session=True)
         raw = request.query_params.get("days", "30")
         if not raw.isdigit() or not 1 <= int(raw) <= 3660:
             raise bad_request("'days' must be a whole number from 1 to 3660", param="days")
         days, now = int(raw), time.time()
         rows = await asyncio.to_thread(self.store.rows, since=now - days * 86400)
-        return json_response(page_data(rows, days, self.reference_model, now))
+        data = page_data(rows, days, self.reference_model, now)
+        data["signed_in"] = caller.master and caller.key_id is None  # by the sign-in cookie, so the page offers to sign out
+        return json_response(data, headers={"Cache-Control": "no-store"})
+
+    async def login(self, request: Request) -> Response:
+        """POST {"key": "<master key>"} as JSON -> the session cookie. JSON only, so no other site's form can
+        sign a browser in (login CSRF)."""
+        check_json_body(request)
+        if not self.auth.has_master:
+            raise bad_request("no master key is set: the savings page needs no sign-in, and answers on this machine only")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > LOGIN_MAX_BYTES:
+                raise ProxyError(413, f"a sign-in body is at most {LOGIN_MAX_BYTES} bytes", code="request_too_large")
+        key = parse_json(raw).get("key")
+        if not isinstance(key, str) or not key:
+            raise bad_request("send the master key as {\"key\": \"...\"}", param="key")
+        if not self.auth.is_master(key):
+            await self.auth.refuse_issued(key)
+            raise unauthorized("that is not the master key")
+        response = json_response({"signed_in": True, "expires_in": SESSION_S}, headers={"Cache-Control": "no-store"})
+        response.set_cookie(SESSION_COOKIE, self.auth.session_token(), max_age=SESSION_S, path="/ui", httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = json_response({"signed_in": False})
+        response.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="strict",
+                               secure=request.url.scheme == "https")
+        return response

@@ -15,9 +15,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litellm.integrations.custom_logger import CustomLogger
+
+if TYPE_CHECKING:
+    from proxy.keys import Hold
 
 log = logging.getLogger("delegate")
 SUCCESS_EVENT_WAIT_S = 2.0  # LiteLLM's success event trails the response; wait this long for it
@@ -49,13 +52,14 @@ class RequestTrace:
     served_by: str | None = None  # deployment id that answered
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    delivered: int = 0  # content chunks sent to the client, about one token each: what a cut stream delivered
     first_token_at: float | None = None  # perf_counter
     finished_at: float | None = None
     backend_timings: dict[str, Any] | None = None
-    status: str = "pending"  # success | error | partial
+    status: str = "pending"  # success | error | partial (a stream cut short) | cancelled (shut down, nothing sent)
     error_class: str | None = None
     error: str | None = None
-    reserved: float | None = None  # budget held for an issued key until the real cost is known
+    hold: Hold | None = None  # budget held for an issued key until the real cost is known
     prompt: Any = field(default=None, repr=False)  # the messages or prompt, to estimate tokens if usage never comes
     litellm_cost: float | None = None  # LiteLLM's own price for the deployment that served (cloud)
     sink: Sink | None = field(default=None, repr=False)  # where the finished trace goes (the proxy's recorder)
@@ -109,7 +113,12 @@ class UsageLogger(CustomLogger):
         return trace
 
     def end(self, trace: RequestTrace, status: str, error: BaseException | None = None) -> None:
-        """Close the trace; its row is written in the background once LiteLLM's success event is in."""
+        """Close the trace; its row is written in the background once LiteLLM's success event is in.
+
+        Only the first close counts: a request that two paths close (its own handler, and shutdown's sweep
+        of what is left open) makes one row and settles its hold once."""
+        if trace.status != "pending":
+            return
         trace.finished_at = trace.finished_at or time.perf_counter()
         trace.status = status
         if error is not None:
@@ -130,6 +139,10 @@ class UsageLogger(CustomLogger):
                 await trace.sink(trace)
             except Exception:
                 log.exception("recording usage failed for %s", trace.request_id)
+
+    def unfinished(self, sink: Sink) -> list[RequestTrace]:
+        """The traces going to `sink` that no one has closed yet (requests still in flight)."""
+        return [t for t in self._open.values() if t.sink == sink and t.status == "pending"]
 
     async def drain(self) -> None:
         """Wait for every closed trace to reach the sinks (at shutdown)."""

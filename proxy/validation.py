@@ -19,6 +19,7 @@ from proxy.errors import ProxyError, bad_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_TOKENS_LIMIT = 1 << 20
+SEED_LIMIT = 1 << 63  # seeds are in [0, 2^63): what every backend takes (llama.cpp's and Ollama's are unsigned)
 # client-settable parameters forwarded to the Router; the rest of OpenAI's list is accepted and dropped
 FORWARDED = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user", "tools",
              "tool_choice", "parallel_tool_calls", "response_format", "presence_penalty", "frequency_penalty",
@@ -104,9 +105,20 @@ def check_common(body: dict[str, Any]) -> None:
             if value > MAX_TOKENS_LIMIT:
                 raise bad_request(f"'{name}' is too large ({value}); at most {MAX_TOKENS_LIMIT}", param=name)
     _number(body, "temperature", 0.0, 2.0)
-    _number(body, "top_p", 0.0, 1.0)
+    _number(body, "top_p", 0.0, 1.0, low_open=True)
     _number(body, "presence_penalty", -2.0, 2.0)
     _number(body, "frequency_penalty", -2.0, 2.0)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad_request("'logprobs' must be true or false", param="logprobs")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None and (not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20):
+        raise bad_request(f"'top_logprobs' must be an integer from 0 to 20, got {top_logprobs!r}", param="top_logprobs")
+    bias = body.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or len(bias) > 1024 or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v) and -100 <= v <= 100 for k, v in bias.items())):
+        raise bad_request("'logit_bias' must map up to 1024 token ids to numbers from -100 to 100", param="logit_bias")
     n = body.get("n")
     if n is not None and (not _is_int(n) or n < 1):
         raise bad_request(f"'n' must be a positive integer, got {n!r}", param="n")
@@ -126,8 +138,8 @@ def check_common(body: dict[str, Any]) -> None:
                                                              and all(isinstance(s, str) for s in stop))):
         raise bad_request("'stop' must be a string or a list of up to 4 strings", param="stop")
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise bad_request("'seed' must be an integer", param="seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
+        raise bad_request(f"'seed' must be an integer from 0 to 2^63 - 1, got {seed!r}", param="seed")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("'user' must be a string", param="user")
@@ -201,9 +213,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+def _number(body: dict[str, Any], name: str, low: float, high: float, low_open: bool = False) -> None:
     value = body.get(name)
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not low <= value <= high:
-        raise bad_request(f"'{name}' must be a number from {low:g} to {high:g}, got {value!r}", param=name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not low <= value <= high \
+            or (low_open and value == low):
+        above = f"above {low:g}" if low_open else f"from {low:g}"
+        raise bad_request(f"'{name}' must be a number {above} to {high:g}, got {value!r}", param=name)

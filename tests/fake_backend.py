@@ -4,7 +4,9 @@ It answers `answer from <name>` and records every request body, so tests can che
 forwarded. `mode` changes its behaviour while it runs: "ok", "stall" (never answers), "die" (streams
 two chunks and drops the connection), "unavailable" (503), "slow" (streams 50 words, 0.1 s apart;
 `cancelled` counts the streams whose client went away), "echo" (answers with the last message's content).
-`delay` holds every answer back that many seconds. Run it as its own process with
+`delay` holds every answer back that many seconds. `health` is what its /health answers, as the tinygrad
+backend's does: "ready", or "unhealthy" (503 with a problem). `headers` keeps every request's headers.
+Run it as its own process with
 `python -m tests.fake_backend --port P [--mode M] [--delay S]`. Prompts longer than `context` tokens
 (4 characters each) get OpenAI's 400 context_length_exceeded.
 """
@@ -27,13 +29,22 @@ class FakeBackend:
                  delay: float = 0.0) -> None:
         self.name, self.context, self.mode, self.delay = name, context, mode, delay
         self.reply = reply  # a fixed answer instead of "answer from <name>"
+        self.health = "ready"
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self.cancelled = 0
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health_check, methods=["GET"]),
         ])
+
+    async def health_check(self, request: Request) -> Response:
+        if self.health == "unhealthy":
+            return JSONResponse({"status": "unhealthy", "problem": "the engine has made no progress for 61s"},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "context_length": self.context})
 
     def prompt_tokens(self, body: dict[str, Any]) -> int:
         return max(1, sum(len(str(m.get("content") or "")) for m in body.get("messages", [])) // 4)
@@ -51,6 +62,7 @@ class FakeBackend:
     async def chat(self, request: Request) -> Response:
         body = json.loads(await request.body())  # the stdlib keeps lone surrogates, as a real server might not
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.mode == "stall":

@@ -147,11 +147,12 @@ def test_redis_and_postgres_failing_later(tmp_path: Path) -> None:
         config = scale_config(tmp_path / "c.yaml", [url0], redis_port)
         store = UsageStore.open(pg)
         key, _ = KeyStore(store).create(rpm=1000)
-        with replica(config, {"DELEGATE_DATABASE_URL": pg, "DELEGATE_HOME": str(tmp_path / "h")}) as (_, url):
+        with replica(config, {"DELEGATE_DATABASE_URL": pg, "DELEGATE_HOME": str(tmp_path / "h"),
+                              "DELEGATE_MASTER_KEY": "sk-master"}) as (_, url):
             headers = {"authorization": f"Bearer {key}"}
 
-            def ask() -> int:
-                return httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60,
+            def ask(key_headers: dict[str, str] = headers) -> int:
+                return httpx.post(url + "/v1/chat/completions", headers=key_headers, timeout=60,
                                   json={"model": "coding", "messages": MSG}).status_code
 
             redis.close()  # Redis goes away
@@ -165,8 +166,12 @@ def test_redis_and_postgres_failing_later(tmp_path: Path) -> None:
                 assert httpx.get(url + "/health/readiness").status_code == 200
                 assert wait_count(store, 3) == 3
 
-                pg_ctl("stop")  # Postgres goes away: requests by a key without a budget are still served
-                assert [ask() for _ in range(4)] == [200] * 4
+                pg_ctl("stop")  # Postgres goes away: an issued key cannot be checked, so it is refused (fail closed);
+                refused = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60,
+                                     json={"model": "coding", "messages": MSG})
+                assert refused.status_code == 503 and refused.headers["retry-after"]
+                # the master key needs no store to be checked: it is served, and its rows wait for the store
+                assert [ask({"authorization": "Bearer sk-master"}) for _ in range(4)] == [200] * 4
                 deadline = time.monotonic() + 30
                 while (ready := httpx.get(url + "/health/readiness")).status_code == 200 and time.monotonic() < deadline:
                     time.sleep(0.3)

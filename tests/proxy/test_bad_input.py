@@ -46,7 +46,7 @@ def test_odd_text_round_trips(echo, text: str, expected: str, stream: bool) -> N
 
 def test_nan_temperature_is_400(echo) -> None:  # type: ignore[no-untyped-def]
     body = b'{"model": "coding", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'
-    r = httpx.post(echo.url + "/v1/chat/completions", content=body)
+    r = httpx.post(echo.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "NaN" in r.json()["error"]["message"]
 
 

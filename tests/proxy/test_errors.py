@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import write_config
+from tests.servers import refused_port
 
 MSG = [{"role": "user", "content": "hello"}]
 MASTER = "sk-master-test-0123456789"
@@ -86,7 +87,7 @@ def test_deep_nesting_under_the_limit_is_400(tmp_path: Path, fake_backend, start
     _, url = fake_backend("ok")
     proxy = start_proxy(write_config(tmp_path / "c.yaml", [("coding", "openai/ok", url)]))
     deep = b'{"model": "coding", "messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
-    r = httpx.post(proxy.url + "/v1/chat/completions", content=deep)
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
     assert_error(r, 400)
 
 
@@ -147,3 +148,57 @@ def test_keys_never_reach_the_logs(proxy, caplog: pytest.LogCaptureFixture) -> N
                headers={"authorization": "Bearer sk-wrong-secret-value"})
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert MASTER not in text and "sk-wrong-secret-value" not in text and "sk-test" not in text
+
+
+# --- the backends' failures, in our words ----------------------------------------------------------------
+
+@pytest.fixture
+def long_prompt_chain(tmp_path: Path, fake_backend, start_proxy):  # type: ignore[no-untyped-def]
+    """The shipped config's shape: quick = llama3.2:3b on Ollama (down) -> smollm2 (a small context), and
+    context_window_fallbacks smollm2 -> llama3.1:8b on Ollama (down)."""
+    _, small = fake_backend("smollm2", context=512)
+    ollama = f"http://127.0.0.1:{refused_port()}"
+    config = write_config(tmp_path / "c.yaml", [("quick", "ollama_chat/llama3.2:3b", ollama),
+                                                ("smollm2", "openai/smollm2", small),
+                                                ("llama3.1:8b", "ollama_chat/llama3.1:8b", ollama, {"timeout": 5})],
+                          aliases=["quick"], fallbacks={"quick": ["smollm2"]},
+                          context_fallbacks={"smollm2": ["llama3.1:8b"]}, router={"num_retries": 1, "retry_after": 0})
+    return start_proxy(config, master_key=MASTER)
+
+
+RAW_PROVIDER_TEXT = ("Exception", "ssl:", "SSLContext", " at 0x", "Connect call failed", "litellm")
+
+
+def test_a_prompt_too_long_for_what_is_reachable_is_400_naming_contexts(long_prompt_chain) -> None:  # type: ignore[no-untyped-def]
+    words = " ".join(["word"] * 40_000)
+    # LiteLLM backs off a few seconds before retrying a group of one deployment (num_retries: 1, as shipped)
+    r = httpx.post(long_prompt_chain.url + "/v1/chat/completions", headers={"authorization": f"Bearer {MASTER}"},
+                   json={"model": "quick", "messages": [{"role": "user", "content": words}]}, timeout=120)
+    message = assert_error(r, 400, param="messages", code="context_length_exceeded")["message"]
+    assert "512 tokens (openai/smollm2)" in message, message
+    assert "could not be reached" in message and "ollama_chat/llama3.1:8b" in message, message
+    assert not any(s in message for s in RAW_PROVIDER_TEXT), message
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai.OpenAI(base_url=long_prompt_chain.url + "/v1", api_key=MASTER, max_retries=0, timeout=120).chat.completions.create(
+            model="quick", messages=[{"role": "user", "content": words}])
+    assert raised.value.code == "context_length_exceeded"
+
+
+def test_a_prompt_too_long_for_every_model_says_the_largest_context(tmp_path: Path, fake_backend, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    _, small = fake_backend("small", context=10)
+    _, big = fake_backend("big", context=50)
+    config = write_config(tmp_path / "c.yaml", [("quick", "openai/small", small), ("big", "openai/big", big)],
+                          aliases=["quick"], context_fallbacks={"quick": ["big"]})
+    proxy = start_proxy(config, master_key=MASTER)
+    error = assert_error(post(proxy, {"model": "quick", "messages": [{"role": "user", "content": "x" * 400}]}),
+                         400, code="context_length_exceeded")
+    assert error["message"] == ("the prompt (100 tokens) is longer than every model of 'quick' can take: the largest "
+                                "context among them is 50 tokens (openai/big)")
+
+
+def test_unreachable_backends_are_named_not_quoted(tmp_path: Path, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    ollama = f"http://127.0.0.1:{refused_port()}"
+    config = write_config(tmp_path / "c.yaml", [("quick", "ollama_chat/llama3.2:3b", ollama)], aliases=["quick"])
+    proxy = start_proxy(config, master_key=MASTER)
+    error = assert_error(post(proxy, {"model": "quick", "messages": MSG}), 503, code="backends_unreachable")
+    assert error["message"] == "no backend of this alias is reachable: cannot connect to ollama_chat/llama3.2:3b"

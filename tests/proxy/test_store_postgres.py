@@ -59,3 +59,32 @@ def test_unreachable_postgres_is_a_store_error() -> None:
 
     with pytest.raises(store.StoreError, match="cannot connect"):
         UsageStore.open(f"postgresql://delegate@127.0.0.1:{refused_port()}/usage")
+
+
+def test_budget_holds_on_postgres(pg: UsageStore, postgres_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.keys import KeyStore
+
+    # two replicas: each its own connection, each its own holds
+    a, b = KeyStore(pg, owner="replica-a"), KeyStore(UsageStore.open(postgres_url), owner="replica-b")
+    _, issued = a.create(budget_usd=1.0)
+    with ThreadPoolExecutor(8) as pool:
+        holds = list(pool.map(lambda i: (a if i % 2 else b).reserve(issued.key_id, 0.3), range(8)))
+    granted = [h for h in holds if h is not None]
+    assert len(granted) == 3  # 3 x 0.3 fit in 1.0, a fourth would not, however the race goes
+    assert a.get(issued.key_id).reserved_usd == pytest.approx(0.9)  # type: ignore[union-attr]
+    mine = [h for h in granted if h in a.holds(owner="replica-a")]
+    theirs = [h for h in granted if h not in mine]
+    # replica b dies: after the stale time, a releases b's holds and never its own
+    pg.db.execute("UPDATE holds SET renewed_at = renewed_at - 3600 WHERE owner = 'replica-b'")
+    assert sorted(h.hold_id for h in a.reclaim_stale()) == sorted(h.hold_id for h in theirs)
+    assert a.get(issued.key_id).reserved_usd == pytest.approx(0.3 * len(mine))  # type: ignore[union-attr]
+    for h in mine:
+        a.settle(h, 0.1)
+    after = a.get(issued.key_id)
+    assert after is not None and after.reserved_usd == pytest.approx(0, abs=1e-9)
+    assert after.spent_usd == pytest.approx(0.1 * len(mine))
+    pg.db.execute("UPDATE keys SET reserved_usd = 0.5 WHERE key_id = ?", (issued.key_id,))  # held by no hold row
+    assert [kid for kid, _, _ in a.reconcile()] == [issued.key_id]
+    assert a.get(issued.key_id).reserved_usd == 0  # type: ignore[union-attr]

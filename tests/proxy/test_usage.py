@@ -138,7 +138,10 @@ def test_client_gone_mid_stream_records_partial_usage_and_stops_the_backend(setu
     assert row["status"] == "partial"
     assert 3 <= row["completion_tokens"] < 50
     assert row["prompt_tokens"] > 0  # estimated: the usage chunk never came
-    assert row["reference_cost"] == 0.0 and row["local_cost"] > 0  # energy spent, nothing delivered
+    # what was delivered is priced: the prompt and the tokens the client received before it left
+    assert row["reference_cost"] == pytest.approx(sum(litellm.cost_per_token(
+        model=REFERENCE, prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"])))
+    assert row["reference_cost"] > 0 and row["local_cost"] > 0
     deadline = time.monotonic() + 10
     while slow.cancelled == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
