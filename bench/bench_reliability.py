@@ -4,11 +4,15 @@
    saw complete must have exactly one usage row after a restart.
 2. 2,000 requests at concurrency 32 against a fast backend, three rounds: zero errors, and the proxy's
    resident memory sampled after each round must not keep growing.
+3. Generated hostile bodies (bench/hostile_bodies.py) sent straight to the real tinygrad backend with the
+   bundled model (both its APIs) and through the proxy in front of it: no 5xx for a client mistake, no
+   engine death, and a plain request answers after every hundred of them.
 Figures go to RELIABILITY.md with the command that produced them. (The tests run smaller versions.)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import platform
@@ -19,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.hostile_bodies import Hostile, hostile_bodies  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from proxy.store import UsageStore  # noqa: E402
 from tests.servers import free_port, wait_http  # noqa: E402
@@ -111,8 +117,98 @@ def load_run(tmp: Path) -> dict[str, object]:
     return {"rounds": rounds}
 
 
+PLAIN = {"messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+         "max_tokens": 3, "temperature": 0}
+
+
+async def _hostile(base: str, bodies: list[Hostile], model: str, check_every: int = 100) -> dict[str, object]:
+    """Send `bodies` four at a time; after every `check_every`, /health must say ready (when the target has it)
+    and a plain request must answer."""
+    statuses: dict[int, int] = {}
+    server_errors: list[str] = []
+    deaths = plain_failures = 0
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def send(h: Hostile) -> None:
+            try:
+                r = await client.post(base + h.path, content=h.body, headers={"content-type": h.content_type})
+                status = r.status_code
+                text = r.text
+            except httpx.HTTPError as e:
+                status, text = 599, f"{type(e).__name__}: {e}"
+            statuses[status] = statuses.get(status, 0) + 1
+            if status >= 500:
+                server_errors.append(f"{status} {h.path} {h.body[:120]!r} -> {text[:200]}")
+
+        for start in range(0, len(bodies), check_every):
+            batch = bodies[start:start + check_every]
+            for i in range(0, len(batch), 4):
+                await asyncio.gather(*(send(h) for h in batch[i:i + 4]))
+            health = (await client.get(base + "/health")).json()
+            # the backend's own /health, or the proxy's report of its deployments (the backend among them)
+            if health.get("status", "ready") != "ready" or health.get("unhealthy_count", 0):
+                deaths += 1
+            r = await client.post(base + "/v1/chat/completions", json={"model": model, **PLAIN})
+            if r.status_code != 200 or not r.json()["choices"][0]["message"]["content"]:
+                plain_failures += 1
+    return {"sent": len(bodies), "statuses": dict(sorted(statuses.items())), "server_errors": server_errors,
+            "engine_deaths": deaths, "plain_failures": plain_failures, "checks": -(-len(bodies) // check_every)}
+
+
+def hostile_run(tmp: Path, count: int) -> dict[str, dict[str, object]]:
+    backend_port, port = free_port(), free_port()
+    backend = subprocess.Popen([sys.executable, "-m", "tinygrad_backend", "--port", str(backend_port), "--max-context", "512"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backend_url = f"http://127.0.0.1:{backend_port}"
+    try:
+        wait_http(backend_url + "/health", 900, proc=backend)
+        direct = asyncio.run(_hostile(backend_url, list(hostile_bodies(count, "smollm2", seed=1)), "smollm2"))
+        assert backend.poll() is None, "the backend exited"
+        raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+        raw["model_list"] = [{"model_name": "quick", "litellm_params": {"model": "tinygrad/smollm2", "api_base": backend_url}}]
+        raw["router_settings"] = {"num_retries": 0}
+        raw["delegate"]["aliases"] = {"quick": "benchmark"}
+        raw["delegate"]["backend"] = None
+        cfg = tmp / "hostile.yaml"
+        cfg.write_text(yaml.safe_dump(raw))
+        proc = serve(cfg, port, {"DELEGATE_HOME": str(tmp / "home-hostile")})
+        try:
+            paths = ("/v1/chat/completions", "/v1/completions")
+            proxied = asyncio.run(_hostile(f"http://127.0.0.1:{port}", list(hostile_bodies(count, "quick", seed=2, paths=paths)),
+                                           "quick"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        direct["backend_alive"] = backend.poll() is None
+    finally:
+        backend.terminate()
+        backend.wait(30)
+    return {"straight to the backend": direct, "through the proxy": proxied}
+
+
+def hostile_lines(h: dict[str, dict[str, object]], count: int) -> list[str]:
+    lines = [f"### {count:,} generated hostile bodies (`bench/hostile_bodies.py`), 4 at a time", "",
+             "Straight to the real tinygrad backend (bundled SmolLM2, 512-token context; OpenAI's and Ollama's routes "
+             "alike), then through `delegate serve --no-backend` in front of it. After every hundred: is the engine "
+             "alive (`/health`), and does a plain request answer?", "",
+             "| target | sent | statuses | 5xx | engine deaths | plain request failed (of checks) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in h.items():
+        statuses = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())  # type: ignore[attr-defined]
+        lines.append(f"| {name} | {r['sent']} | {statuses} | {len(r['server_errors'])} | {r['engine_deaths']} | "  # type: ignore[arg-type]
+                     f"{r['plain_failures']} of {r['checks']} |")
+    errors = [e for r in h.values() for e in r["server_errors"]]  # type: ignore[attr-defined]
+    if errors:
+        lines += ["", "5xx answers:", "", *[f"- `{e}`" for e in errors[:20]]]
+    return lines
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--hostile", type=int, default=1200, help="hostile bodies per target (default 1200)")
+    args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
+    h = hostile_run(tmp, args.hostile)
+    print("hostile run:", h, flush=True)
     a = sigterm_run(tmp)
     print("SIGTERM run:", a, flush=True)
     b = load_run(tmp)
@@ -135,9 +231,12 @@ def main() -> int:
         "", f"Memory from the end of round 2 to the end of round 3: {growth:+.1f} MB "
             f"({'no steady growth' if growth < 10 else 'GROWING'}; round 1 includes start-up allocations).",
     ]
-    ok = a["missing"] == 0 and a["duplicates"] == 0 and all(r["errors"] == 0 for r in b["rounds"])  # type: ignore[index]
+    lines += ["", *hostile_lines(h, args.hostile)]
+    hostile_ok = all(not r["server_errors"] and not r["engine_deaths"] and not r["plain_failures"] for r in h.values())
+    ok = a["missing"] == 0 and a["duplicates"] == 0 and all(r["errors"] == 0 for r in b["rounds"]) and hostile_ok  # type: ignore[index]
     lines.append("")
-    lines.append("Result: " + ("nothing lost, no errors." if ok else "FAILED: see the figures above."))
+    lines.append("Result: " + ("nothing lost, no errors, no 5xx for a client mistake." if ok else
+                               "FAILED: see the figures above."))
     replace_section(ROOT / "RELIABILITY.md", "reliability", "\n".join(lines))
     return 0 if ok else 1
 

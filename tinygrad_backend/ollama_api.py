@@ -4,6 +4,11 @@ Only what serves inference or describes the loaded model is here: /api/chat, /ap
 /api/ps, /api/show, /api/version. Nothing pulls, creates, copies, pushes or deletes a model.
 Durations are nanoseconds and streams are newline-delimited JSON, as Ollama answers
 (https://github.com/ollama/ollama/blob/main/docs/api.md).
+
+`options` map to the same sampler the OpenAI routes use, with Ollama's defaults (top_k 40, top_p 0.9,
+repeat_penalty 1.1 over the last 64 tokens, temperature 0.8); `format` ("json" or a JSON schema) is held to by a
+grammar (constraints.py), and `tools` come back as `message.tool_calls` (tool_calls.py; Ollama has no
+tool_choice: the model chooses).
 """
 
 from __future__ import annotations
@@ -11,17 +16,20 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tinygrad_backend.constraints import Constraint, Grammars
 from tinygrad_backend.engine import Finished, Generation, TextDelta
-from tinygrad_backend.errors import APIError, from_validation
-from tinygrad_backend.sampling import SamplingParams
-from tinygrad_backend.service import Backend
+from tinygrad_backend.errors import APIError
+from tinygrad_backend.request_body import json_object, parse
+from tinygrad_backend.sampling import SEED_LIMIT, SamplingParams
+from tinygrad_backend.service import Backend, Stops
+from tinygrad_backend.tool_calls import Tools, ToolStream, parse_calls, read_tools
 
 OLLAMA_VERSION = "0.6.3"  # the API version we follow, as reported to clients that check it
 
@@ -29,17 +37,31 @@ OLLAMA_VERSION = "0.6.3"  # the API version we follow, as reported to clients th
 class Options(BaseModel):
     model_config = ConfigDict(extra="allow")  # num_ctx, num_thread, ...: the server's own settings win
 
-    num_predict: StrictInt | None = None
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    num_predict: StrictInt | None = Field(None, ge=-2)  # -1: until the end, -2: until the context is full
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    seed: StrictInt | None = None
-    stop: list[str] | None = None
+    seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT)
+    stop: Stops | None = None
+    top_k: StrictInt | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repeat_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    repeat_last_n: StrictInt | None = Field(None, ge=-1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    num_ctx: StrictInt | None = Field(None, ge=1)
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, max_context: int) -> SamplingParams:
+        if self.num_ctx is not None and self.num_ctx > max_context:
+            raise APIError(400, f"options.num_ctx {self.num_ctx} is more than this server's context of {max_context} "
+                           "tokens (its --max-context)")
         max_tokens = self.num_predict if self.num_predict is not None and self.num_predict > 0 else None
         return SamplingParams(
             max_tokens=max_tokens, temperature=0.8 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=tuple(self.stop or ()),
+            top_p=0.9 if self.top_p is None else self.top_p, seed=self.seed, stop=tuple(self.stop or ()),
+            top_k=40 if self.top_k is None else self.top_k, min_p=self.min_p or 0.0,
+            repeat_penalty=1.1 if self.repeat_penalty is None else self.repeat_penalty,
+            repeat_last_n=64 if self.repeat_last_n is None else self.repeat_last_n,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
         )
 
 
@@ -50,6 +72,9 @@ class _Common(BaseModel):
     stream: bool = True
     options: Options = Field(default_factory=lambda: Options())
     format: Any = None
+
+
+Request_ = TypeVar("Request_", bound=_Common)
 
 
 class ChatRequest(_Common):
@@ -63,20 +88,28 @@ class GenerateRequest(_Common):
     raw: bool = False
 
 
-async def _parse(request: Request, model: type[_Common]) -> Any:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"invalid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    try:
-        req = model.model_validate(body)
-    except ValidationError as e:
-        raise from_validation(e) from e
-    if req.format:
-        raise APIError(400, "structured output ('format') is not supported by this server")
+async def _parse(request: Request, shape: type[Request_]) -> Request_:
+    req = await parse(request, shape)
+    if req.format not in (None, "", "json") and not isinstance(req.format, dict):
+        raise APIError(400, "format must be \"json\" or a JSON schema object")
     return req
+
+
+async def _submit(backend: Backend, req: _Common, prompt: list[int], tools: Tools | None = None) -> Generation:
+    params = req.options.sampling(backend.max_context)
+    constraint = None
+    if tools is not None and tools.offered:
+        if req.format:
+            raise APIError(400, "format cannot be combined with tools")
+        constraint = await backend.constraint(tools.constraint, "tools")
+    elif req.format:
+        schema = req.format if isinstance(req.format, dict) else None
+
+        def json_schema(grammars: Grammars) -> Constraint:
+            return grammars.json_schema(schema)
+
+        constraint = await backend.constraint(json_schema, "format")
+    return backend.submit(prompt, params, constraint)
 
 
 def _now() -> str:
@@ -96,13 +129,26 @@ def _final(backend: Backend, done: Finished) -> dict[str, Any]:
     }
 
 
-async def _ndjson(backend: Backend, gen: Generation, piece: Any, last: dict[str, Any]) -> AsyncIterator[str]:
+async def _ndjson(backend: Backend, gen: Generation, piece: Any, last: dict[str, Any],
+                  tools: ToolStream | None = None) -> AsyncIterator[str]:
+    def line(body: dict[str, Any]) -> str:
+        return json.dumps({"model": backend.model_id, "created_at": _now(), **body, "done": False}) + "\n"
+
     async for event in gen.events():
         if isinstance(event, TextDelta):
-            yield json.dumps({"model": backend.model_id, "created_at": _now(), **piece(event.text), "done": False}) + "\n"
+            text = tools.feed(event.text) if tools is not None else event.text
+            if text:
+                yield line(piece(text))
         elif event.reason == "error":
             yield json.dumps({"error": f"generation failed: {event.error}"}) + "\n"
         else:
+            if tools is not None:
+                held, calls = tools.finish()
+                if held:
+                    yield line(piece(held))
+                if calls:
+                    yield line({"message": {"role": "assistant", "content": "",
+                                            "tool_calls": [c.ollama() for c in calls]}})
             yield json.dumps({**_final(backend, event), **last}) + "\n"
 
 
@@ -113,15 +159,22 @@ async def chat(request: Request) -> Response:
     if not req.messages:  # Ollama answers an empty chat by loading the model
         return JSONResponse({"model": backend.model_id, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                              "done_reason": "load", "done": True})
-    gen = backend.submit(backend.chat_prompt(req.messages, req.tools), req.options.sampling())
+    tools = read_tools(req.tools, None)
+    offered = tools is not None and tools.offered
+    gen = await _submit(backend, req, backend.chat_prompt(req.messages, tools), tools)
     if req.stream:
         def piece(text: str) -> dict[str, Any]:
             return {"message": {"role": "assistant", "content": text}}
 
-        lines = _ndjson(backend, gen, piece, {"message": {"role": "assistant", "content": ""}})
+        lines = _ndjson(backend, gen, piece, {"message": {"role": "assistant", "content": ""}},
+                        ToolStream() if offered else None)
         return StreamingResponse(lines, media_type="application/x-ndjson")
     text, done = await backend.run_to_end(gen, request.is_disconnected)
-    return JSONResponse({**_final(backend, done), "message": {"role": "assistant", "content": text}})
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if offered:
+        content, calls = parse_calls(text)
+        message = {"role": "assistant", "content": content, **({"tool_calls": [c.ollama() for c in calls]} if calls else {})}
+    return JSONResponse({**_final(backend, done), "message": message})
 
 
 async def generate(request: Request) -> Response:
@@ -137,7 +190,7 @@ async def generate(request: Request) -> Response:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             {"role": "user", "content": req.prompt}]
         prompt = backend.chat_prompt(messages)
-    gen = backend.submit(prompt, req.options.sampling())
+    gen = await _submit(backend, req, prompt)
     if req.stream:
         return StreamingResponse(_ndjson(backend, gen, lambda text: {"response": text}, {"response": ""}),
                                  media_type="application/x-ndjson")
@@ -170,17 +223,14 @@ async def ps(request: Request) -> Response:
 
 async def show(request: Request) -> Response:
     backend: Backend = request.app.state.backend
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"invalid JSON: {e}") from e
+    body = await json_object(request, empty={})
     backend.check_model(str(body.get("model") or body.get("name") or ""))
     arch = backend.header.architecture
     info = {k: v for k, v in backend.header.metadata.items() if not k.startswith("tokenizer.ggml.")}
     info[f"{arch}.context_length"] = backend.max_context
     return JSONResponse({
         "modelfile": "", "parameters": "", "template": backend.template.source,
-        "details": _model_card(backend)["details"], "model_info": info, "capabilities": ["completion"],
+        "details": _model_card(backend)["details"], "model_info": info, "capabilities": ["completion", "tools"],
     })
 
 

@@ -70,7 +70,10 @@ class GGUFTokenizer:
 
         vocab = {tok: i for i, tok in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
-        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges)  # type: ignore[arg-type]
+        try:
+            bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges)  # type: ignore[arg-type]
+        except Exception as e:  # the tokenizers library's own error for a vocabulary it cannot use
+            raise ModelFileError(f"the tokenizer cannot be built from this file: {e}") from e
         self._tok = Tokenizer(bpe)
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
         self._tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -80,6 +83,7 @@ class GGUFTokenizer:
         self.special_ids = {i for i, t in enumerate(types) if t == _CONTROL}
         specials = [i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)]
         self._tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in specials])
+        self._specials = {tokens[i]: i for i in specials}
 
         byte_of = _byte_decoder()
         self._bytes: list[bytes] = [
@@ -101,6 +105,17 @@ class GGUFTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self._bytes[token_id].decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def special_token(self, text: str) -> int | None:
+        """The id of the control or user-defined token spelled `text` (`<|im_end|>`, Qwen's `<tool_call>`)."""
+        return self._specials.get(text)
+
+    def backend_json(self) -> str:
+        """The `tokenizers` tokenizer as JSON, which llguidance builds its own from (constraints.py)."""
+        return self._tok.to_str()
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids for `text`, matching special tokens inside it (llama.cpp's parse_special=true)."""
