@@ -87,10 +87,9 @@ async def load(target: str, url: str, headers: dict[str, str], stream: bool, con
 async def router_alone(config: Path, stream: bool, total: int) -> Result:
     """Our Router (built from the same config) called in this process, no HTTP server in front: the share of
     Delegate's figure that is LiteLLM's own per-call work. Sequential, like the concurrency-1 loads."""
-    from proxy.router import build_router
-    from proxy.serve import load_settings
+    from proxy.server.serve import load_settings
 
-    router, _ = build_router(load_settings(config))
+    router, _ = load_settings(config)[1]
     body = {**BODY, "model": "bench"}
 
     async def one() -> float:
@@ -136,8 +135,8 @@ def main() -> int:
         ours_config["delegate"]["backend"] = None
         (tmp / "delegate.yaml").write_text(yaml.safe_dump(ours_config))
         env = {"DELEGATE_HOME": str(tmp / "home")}
-        procs.append(start([sys.executable, "-m", "proxy.cli", "serve", "--no-backend", "--config", str(tmp / "delegate.yaml"),
-                            "--port", str(ours_port)], env, tmp / "delegate.log"))
+        procs.append(start([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config",
+                            str(tmp / "delegate.yaml"), "--port", str(ours_port)], env, tmp / "delegate.log"))
         wait_http(f"http://127.0.0.1:{ours_port}/health/readiness", 120)
         targets["delegate"] = (f"http://127.0.0.1:{ours_port}/v1/chat/completions", {})
 

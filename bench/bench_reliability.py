@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.hostile_bodies import Hostile, hostile_bodies  # noqa: E402
 from bench.report import replace_section  # noqa: E402
-from proxy.store import UsageStore  # noqa: E402
+from proxy.usage.store import UsageStore  # noqa: E402
 from tests.servers import free_port, wait_http  # noqa: E402
 from tests.test_faults import _load  # noqa: E402
 
@@ -54,7 +54,7 @@ def config(tmp: Path, url: str) -> Path:
 
 
 def serve(cfg: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--no-backend", "--config", str(cfg), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(cfg), "--port",
                              str(port)], cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/health/readiness", 120, proc=proc)

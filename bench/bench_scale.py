@@ -114,7 +114,7 @@ def main() -> int:
             for i in range(n):
                 port = free_port()
                 into.enter_context(started(
-                    [sys.executable, "-m", "proxy.cli", "serve", "--no-backend", "--config", str(config(name, with_redis)),
+                    [sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config(name, with_redis)),
                      "--port", str(port)], f"http://127.0.0.1:{port}/health/readiness",
                     {"DELEGATE_HOME": str(tmp / f"{name}-{i}")}))
                 urls.append(f"http://127.0.0.1:{port}/v1/chat/completions")

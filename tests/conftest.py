@@ -128,8 +128,8 @@ def shipped_config(path: Path, backend_url: str, backend: dict[str, Any] | None 
 def real_proxy(bundled_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real proxy with the shipped config in front of the shared bundled backend."""
     from proxy import settings
-    from proxy.app import create_app
-    from proxy.store import UsageStore
+    from proxy.server.app import create_app
+    from proxy.usage.store import UsageStore
 
     tmp = tmp_path_factory.mktemp("real-proxy")
     app = create_app(settings.load(shipped_config(tmp / "config.yaml", bundled_backend)), None,
@@ -157,9 +157,7 @@ def write_config(path: Path, deployments: list[tuple[Any, ...]], fallbacks: dict
                             "fallbacks": [{k: v} for k, v in (fallbacks or {}).items()],
                             "context_window_fallbacks": [{k: v} for k, v in (context_fallbacks or {}).items()],
                             **(router or {})},
-        "litellm_settings": {"drop_params": True, "callbacks": ["proxy.usage.usage_logger"],
-                             "custom_provider_map": [{"provider": "tinygrad",
-                                                      "custom_handler": "proxy.tinygrad_provider.provider"}]},
+        "litellm_settings": {"drop_params": True},
         "delegate": {"aliases": {a: f"the {a} alias" for a in (aliases or groups[:1])}, "backend": None,
                      **(delegate or {})},
     }
@@ -174,7 +172,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
 
     def start(config: Path, master_key: str | None = None) -> ServerThread:
         from proxy import settings
-        from proxy.app import create_app
+        from proxy.server.app import create_app
 
         app = create_app(settings.load(config), master_key)
         return stack.enter_context(ServerThread(app))

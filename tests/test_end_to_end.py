@@ -37,7 +37,8 @@ def test_delegate_serve_starts_backend_then_proxy_and_stops_both(tmp_path: Path)
     backend_port, proxy_port = free_port(), free_port()
     config = shipped_config(tmp_path / "config.yaml", f"http://127.0.0.1:{backend_port}",
                             {"model": str(model), "port": backend_port, "max_context": 64, "parallel": 2})
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(proxy_port)],
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.client.cli", "serve", "--config", str(config), "--port",
+                             str(proxy_port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{proxy_port}/health/liveliness", timeout=180, proc=proc)

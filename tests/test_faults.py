@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.store import UsageStore
+from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.servers import ROOT, free_port, process, wait_http
 
@@ -117,7 +117,7 @@ def test_sigterm_under_load_drains_and_loses_no_row(tmp_path: Path, delegate_hom
         config = write_config(tmp_path / "c.yaml", [("coding", "openai/ok", url)])
         port = free_port()
         proxy_url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--no-backend", "--config", str(config),
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config),
                                  "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             wait_http(proxy_url + "/health/readiness", 120, proc=proc)
@@ -149,7 +149,7 @@ def test_readiness_fails_while_draining(tmp_path: Path, signal_name: str) -> Non
         config = write_config(tmp_path / "c.yaml", [("coding", "openai/slow", url)])
         port = free_port()
         proxy_url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--no-backend", "--config", str(config),
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config),
                                  "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_http(proxy_url + "/health/readiness", 120, proc=proc)

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.keys import KeyStore
-from proxy.store import UsageStore
+from proxy.usage.keys import KeyStore
+from proxy.usage.store import UsageStore
 from tests.conftest import postgres_server, redis_server, write_config
 from tests.servers import ROOT, free_port, refused_port, wait_http
 from tests.test_faults import backend_process
@@ -28,7 +28,7 @@ MSG = [{"role": "user", "content": "hello " * 200}]
 @contextlib.contextmanager
 def replica(config: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--no-backend", "--config", str(config), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config), "--port",
                              str(port)], cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -132,7 +132,7 @@ def test_unreachable_redis_or_postgres_at_start_exits_2(tmp_path: Path, broken: 
         config.write_text(yaml.safe_dump(raw))
         env["DELEGATE_DATABASE_URL"] = f"postgresql://delegate@127.0.0.1:{refused_port()}/usage"
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--no-backend", "--config", str(config), "--port",
+    r = subprocess.run([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config), "--port",
                         str(port)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

@@ -5,7 +5,7 @@ connections open indefinitely.
 uvicorn 0.54 has no such timeout: `timeout_keep_alive` only runs between requests, and it is cancelled by
 the first byte of the next one, so a client that sends half a request line and then nothing keeps its
 connection (and its file descriptor) for as long as it likes. Only the headers are timed here, not a body
-that trickles in after them, nor the response. This is a copy of proxy/header_timeout.py: the backend
+that trickles in after them, nor the response. This is a copy of proxy/server/header_timeout.py: the backend
 imports nothing from proxy/ (a test keeps the two the same below their docstrings).
 """
 

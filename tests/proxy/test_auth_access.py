@@ -19,9 +19,9 @@ import pytest
 import uvicorn
 
 from proxy import settings as settings_module
-from proxy.app import create_app
-from proxy.keys import KeyStore
-from proxy.store import UsageStore
+from proxy.server.app import create_app
+from proxy.usage.keys import KeyStore
+from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.proxy.test_report import row
 from tests.servers import free_port

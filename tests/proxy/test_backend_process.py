@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from proxy.backend_process import LocalBackend, backend_url
+from proxy.server.backend_process import LocalBackend, backend_url
 from proxy.settings import BackendSettings
 from tests.servers import free_port
 

@@ -21,7 +21,7 @@ FINDINGS = json.dumps({"findings": [
 def delegate(*args: str, url: str | None = None, stdin: str | None = None, cwd: Path = ROOT,
              timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DELEGATE_URL": url or f"http://127.0.0.1:{refused_port()}"}
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "proxy.client.cli", *args], input=stdin, capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
@@ -50,7 +50,7 @@ def reviewer(tmp_path: Path, fake_backend, start_proxy) -> str:  # type: ignore[
 
 
 def test_help_imports_nothing_heavy() -> None:
-    code = ("import sys\nfrom proxy.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom proxy.client.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('litellm', 'openai', 'httpx', 'rich', 'tinygrad') if m in sys.modules]\n"
             "assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -151,7 +151,7 @@ def test_keys_create_list_revoke(delegate_home: Path) -> None:
     env_home = {"DELEGATE_HOME": str(delegate_home)}
 
     def keys(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "proxy.cli", "keys", *args], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "proxy.client.cli", "keys", *args], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, **env_home}, timeout=60)
 
     created = json.loads(keys("create", "--aliases", "coding,quick", "--budget", "5.00", "--rpm", "60", "--json").stdout)

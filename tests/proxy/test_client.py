@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import client
+from proxy.client import api as client
 from tests.conftest import write_config
 from tests.servers import refused_port
 
@@ -101,7 +101,7 @@ def test_programmer_errors_raise(prompt: str, task: str) -> None:
 
 
 def test_old_names_still_import() -> None:
-    from proxy.client import (  # noqa: F401
+    from proxy.client.api import (  # noqa: F401
         LLMResponse,
         delegate,
         delegate_with_retry,
@@ -164,5 +164,5 @@ def subprocess_pids(port: int) -> list[int]:
     """The `delegate serve` process listening on `port` (started detached by start_proxy)."""
     import subprocess
 
-    out = subprocess.run(["pgrep", "-f", f"proxy.cli serve .*--port {port}"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", f"proxy.client.cli serve .*--port {port}"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]

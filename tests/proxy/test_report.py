@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import report, store
-from proxy.store import UsageStore
+from proxy.usage import report, store
+from proxy.usage.store import UsageStore
 from tests.servers import ROOT
 
 NOW = time.time()
@@ -127,7 +127,7 @@ def test_report_cli(delegate_home: Path, tmp_path: Path) -> None:
     UsageStore.open().insert(ROWS)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "proxy.cli", "report", *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "proxy.client.cli", "report", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=60, env={"DELEGATE_HOME": str(delegate_home), "PATH": "/usr/bin"})
 
     table = run("--days", "7")
@@ -141,6 +141,6 @@ def test_report_cli(delegate_home: Path, tmp_path: Path) -> None:
 
 
 def test_report_cli_does_not_import_litellm() -> None:
-    code = ("import sys; from proxy.cli import main; main(['report', '--days', '1']); "
+    code = ("import sys; from proxy.client.cli import main; main(['report', '--days', '1']); "
             "assert 'litellm' not in sys.modules, 'litellm imported'")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60).returncode == 0

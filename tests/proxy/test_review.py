@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from proxy import diff, review
+from proxy.review import diff
+from proxy.review import findings as review
 
 DIFF = """diff --git a/app/util.py b/app/util.py
 index 1111111..2222222 100644

@@ -30,7 +30,7 @@ def test_shipped_config_has_the_seven_aliases_ending_in_the_bundled_model() -> N
 
 
 def test_shipped_config_builds_a_router() -> None:
-    from proxy.router import build_router
+    from proxy.routing.router import build_router
 
     router, deployments = build_router(settings.load(ROOT / "config.yaml"))
     assert len(deployments) == 12
@@ -41,7 +41,7 @@ def test_local_deployments_are_free_to_litellm_and_cloud_ones_keep_its_prices(tm
     """LiteLLM is told a local deployment costs nothing (we price its electricity): explicit zero rates, not
     unknown ones, so it neither guesses a price nor diagnoses a missing one on every call. A rate the config
     sets is kept; a cloud deployment keeps LiteLLM's table."""
-    from proxy.router import build_router
+    from proxy.routing.router import build_router
 
     path = write_config(tmp_path / "config.yaml", [
         ("local", "openai/fast", "http://127.0.0.1:9/v1"),
@@ -129,7 +129,7 @@ def test_serve_with_broken_config_exits_2_and_starts_nothing(tmp_path: Path, kin
     if raw and raw.get("delegate", {}).get("backend") is not None:
         raw["delegate"]["backend"]["port"] = backend_port
         path.write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(path), "--port", str(port)],
+    result = subprocess.run([sys.executable, "-m", "proxy.client.cli", "serve", "--config", str(path), "--port", str(port)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -139,7 +139,7 @@ def test_serve_with_broken_config_exits_2_and_starts_nothing(tmp_path: Path, kin
 
 
 def test_serve_refuses_a_public_address_without_a_master_key(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+    result = subprocess.run([sys.executable, "-m", "proxy.client.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "DELEGATE_MASTER_KEY" in result.stderr
@@ -148,9 +148,9 @@ def test_serve_refuses_a_public_address_without_a_master_key(tmp_path: Path) -> 
 def test_serve_freezes_what_start_up_loaded() -> None:
     """`delegate serve` calls tune_collector before serving (why: its docstring): LiteLLM's price table is
     frozen out of the collector's reach, and young objects are collected less often."""
-    code = ("import gc, litellm; from proxy.serve import tune_collector; before = gc.get_freeze_count(); "
+    code = ("import gc, litellm; from proxy.server.serve import tune_collector; before = gc.get_freeze_count(); "
             "tune_collector(); print(before, gc.get_freeze_count(), gc.get_threshold()[0])")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     before, frozen, threshold = map(int, result.stdout.split())
     assert before == 0 and frozen > 100_000 and threshold == 10_000
-    assert "tune_collector()" in (ROOT / "proxy" / "serve.py").read_text().split("def serve(", 1)[1]
+    assert "tune_collector()" in (ROOT / "proxy" / "server" / "serve.py").read_text().split("def serve(", 1)[1]

@@ -9,8 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy import store
-from proxy.store import UsageStore
+from proxy.usage import store
+from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.proxy.test_report import ROWS, row
 
@@ -64,7 +64,7 @@ def test_unreachable_postgres_is_a_store_error() -> None:
 def test_budget_holds_on_postgres(pg: UsageStore, postgres_url: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from proxy.keys import KeyStore
+    from proxy.usage.keys import KeyStore
 
     # two replicas: each its own connection, each its own holds
     a, b = KeyStore(pg, owner="replica-a"), KeyStore(UsageStore.open(postgres_url), owner="replica-b")

@@ -15,7 +15,7 @@ from pathlib import Path
 import litellm
 import pytest
 
-from proxy.tinygrad_provider import provider
+from proxy.routing.tinygrad_provider import provider
 from tests.servers import ServerThread, refused_port
 from tests.tinygrad_backend.tiny_gguf import write_tiny
 

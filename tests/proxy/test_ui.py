@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.keys import KeyStore
-from proxy.store import UsageStore
+from proxy.usage.keys import KeyStore
+from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.proxy.test_report import row
 from tests.servers import ROOT

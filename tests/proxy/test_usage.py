@@ -17,8 +17,8 @@ import litellm
 import openai
 import pytest
 
-from proxy import report
-from proxy.store import UsageStore
+from proxy.usage import report
+from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.servers import refused_port
 
@@ -177,7 +177,7 @@ def test_locked_store_keeps_serving_and_writes_later(setup, delegate_home: Path)
 
 def test_shutdown_flushes_pending_rows(tmp_path: Path, fake_backend) -> None:  # type: ignore[no-untyped-def]
     from proxy import settings
-    from proxy.app import create_app
+    from proxy.server.app import create_app
     from tests.servers import ServerThread
 
     _, url = fake_backend("ok")
@@ -192,7 +192,7 @@ def test_shutdown_flushes_pending_rows(tmp_path: Path, fake_backend) -> None:  #
 def test_rows_the_store_refuses_at_shutdown_survive_to_the_next_start(tmp_path: Path, fake_backend,
                                                                       delegate_home: Path) -> None:  # type: ignore[no-untyped-def]
     from proxy import settings
-    from proxy.app import create_app
+    from proxy.server.app import create_app
     from tests.servers import ServerThread
 
     _, url = fake_backend("ok")

@@ -22,7 +22,8 @@ def _without_docstring(path: Path) -> str:
 
 
 def test_the_backend_copy_is_the_proxys_code() -> None:
-    assert _without_docstring(ROOT / "tinygrad_backend/header_timeout.py") == _without_docstring(ROOT / "proxy/header_timeout.py")
+    ours, proxys = ROOT / "tinygrad_backend/header_timeout.py", ROOT / "proxy/server/header_timeout.py"
+    assert _without_docstring(ours) == _without_docstring(proxys)
 
 
 def test_serve_runs_uvicorn_with_the_header_timeout() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from proxy.router import Deployment
+from proxy.routing.router import Deployment
 
 PROBE_INTERVAL_S = 5.0
 PROBE_TIMEOUT_S = 2.0

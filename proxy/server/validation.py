@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import ProxyError, bad_request
+from proxy.server.errors import ProxyError, bad_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_TOKENS_LIMIT = 1 << 20

@@ -1,6 +1,6 @@
 """Who is asking: the Bearer key on each request, checked before anything else is read.
 
-Three kinds of caller: the master key (`DELEGATE_MASTER_KEY`), an issued key (proxy/keys.py: limited to
+Three kinds of caller: the master key (`DELEGATE_MASTER_KEY`), an issued key (proxy/usage/keys.py: limited to
 some aliases, a budget and a rate), or nobody, which is allowed only while the proxy is open (no master
 key and no active issued key; it then binds loopback only). Keys are compared in constant time or by
 hash, and never logged; rows and reports carry a short hash (key_id).
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from proxy.errors import ProxyError, unauthorized
-from proxy.keys import IssuedKey, KeyStore, key_id
+from proxy.server.errors import ProxyError, unauthorized
+from proxy.usage.keys import IssuedKey, KeyStore, key_id
 
 OPEN_CHECK_S = 1.0  # how long what the store said about issued keys is trusted before asking it again
 STORE_RETRY_S = 5

@@ -3,7 +3,7 @@
 LiteLLM's Router keeps its own shared state there (cooldowns, deployment usage) once it is given
 `redis_host`/`redis_port`/`redis_password` (or `redis_url`). The one thing of ours that must be shared is
 each issued key's request rate: with Redis, every replica counts into the same sliding minute. Budgets
-need no Redis: they are reserved in the one Postgres (proxy/keys.py).
+need no Redis: they are reserved in the one Postgres (proxy/usage/keys.py).
 When Redis fails after start-up the proxy keeps serving (key rates are then counted per replica) and
 /health/readiness says so.
 """
@@ -19,7 +19,7 @@ from urllib.parse import quote
 import redis
 import redis.asyncio as aioredis
 
-from proxy.keys import RateLimiter
+from proxy.usage.keys import RateLimiter
 
 log = logging.getLogger("delegate")
 TIMEOUT_S = 2.0

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from litellm.integrations.custom_logger import CustomLogger
 
 if TYPE_CHECKING:
-    from proxy.keys import Hold
+    from proxy.usage.keys import Hold
 
 log = logging.getLogger("delegate")
 SUCCESS_EVENT_WAIT_S = 2.0  # LiteLLM's success event trails the response; wait this long for it
@@ -100,7 +100,7 @@ def _request_id(kwargs: dict[str, Any]) -> str | None:
 
 
 class UsageLogger(CustomLogger):
-    """Registered in config.yaml under litellm_settings.callbacks as `proxy.usage.usage_logger`."""
+    """Registered as a LiteLLM callback by routing/router.py's configure_litellm, whatever config.yaml says."""
 
     def __init__(self) -> None:
         super().__init__()

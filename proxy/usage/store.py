@@ -92,7 +92,7 @@ def m002_keys(db: Database) -> None:
 
 
 def m003_holds(db: Database) -> None:
-    """One row per budget hold, so a hold outlives neither its request nor its process (proxy/keys.py)."""
+    """One row per budget hold, so a hold outlives neither its request nor its process (proxy/usage/keys.py)."""
     real = db.real
     db.execute(f"""
         CREATE TABLE holds (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from proxy.serve import serve
+    from proxy.server.serve import serve
 
     return serve(Path(args.config), args.host, args.port, with_backend=not args.no_backend, json_logs=args.json)
 
@@ -16,8 +16,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from proxy import report
-    from proxy.store import StoreError, UsageStore
+    from proxy.usage import report
+    from proxy.usage.store import StoreError, UsageStore
 
     now = datetime.now(UTC)
     if args.since:
@@ -47,8 +47,8 @@ def _keys(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from proxy.keys import KeyStore
-    from proxy.store import StoreError, UsageStore
+    from proxy.usage.keys import KeyStore
+    from proxy.usage.store import StoreError, UsageStore
 
     try:
         keys = KeyStore(UsageStore.open())
@@ -110,25 +110,25 @@ def _fail(message: str) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from proxy import console
+    from proxy.client import console
 
     return console.ask(args)
 
 
 def _models(args: argparse.Namespace) -> int:
-    from proxy import console
+    from proxy.client import console
 
     return console.models(args)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from proxy import console
+    from proxy.client import console
 
     return console.status(args)
 
 
 def _review(args: argparse.Namespace) -> int:
-    from proxy import review_cli
+    from proxy.review import cli as review_cli
 
     if args.json:
         args.format = "json"

@@ -2,7 +2,7 @@
 
 It carries what the old `llm_metrics.py --days 7` printed (calls, tokens in and out, average latency,
 the three money lines) plus success and fallback rates and a breakdown by task, model, day or key.
-Costs were priced when each row was written (proxy/pricing.py), so this module only adds them up and
+Costs were priced when each row was written (proxy/usage/pricing.py), so this module only adds them up and
 must not import litellm: `delegate report` answers at once.
 """
 

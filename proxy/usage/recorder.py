@@ -8,7 +8,7 @@ pending. The store's primary key makes a retried batch harmless.
 An issued key's budget hold is settled here with the row's reference cost: what the client received, whole
 or cut short, is spent; a request that delivered nothing releases its hold. A settlement the store refuses is
 retried with the hold upkeep (every HOLD_RENEW_S: renew this process's holds, release those of processes
-that died holding them; proxy/keys.py).
+that died holding them; proxy/usage/keys.py).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.keys import HOLD_RENEW_S, Hold, KeyStore
-from proxy.pricing import costs
-from proxy.router import Deployment
+from proxy.routing.router import Deployment
 from proxy.settings import DelegateSettings
-from proxy.store import UsageStore, delegate_home
-from proxy.usage import RequestTrace
+from proxy.usage.keys import HOLD_RENEW_S, Hold, KeyStore
+from proxy.usage.pricing import costs
+from proxy.usage.store import UsageStore, delegate_home
+from proxy.usage.trace import RequestTrace
 
 log = logging.getLogger("delegate")
 BATCH = 200

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from proxy.responses import dumps
+from proxy.server.responses import dumps
 
 
 class ProxyError(Exception):

@@ -1,6 +1,6 @@
 """The savings page at /ui: saved dollars over time, per task, and the latest requests, refreshing itself.
 
-The page (ui.html) is static and holds no data; it draws its chart from /ui/data with its own few lines
+The page (savings_page.html) is static and holds no data; it draws its chart from /ui/data with its own few lines
 of script, so it works on a machine with no internet. With a master key set, the page shows a sign-in form:
 it POSTs the key to /ui/login as JSON, which answers with an HttpOnly, SameSite=Strict cookie for Path=/ui
 holding a session token (an HMAC under the master key with an expiry, never the key itself: auth.py); the
@@ -21,14 +21,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from proxy import report
-from proxy.auth import SESSION_COOKIE, SESSION_S, Auth, check_json_body
-from proxy.errors import ProxyError, bad_request, unauthorized
-from proxy.responses import json_response
-from proxy.store import UsageStore
-from proxy.validation import parse_json
+from proxy.server.auth import SESSION_COOKIE, SESSION_S, Auth, check_json_body
+from proxy.server.errors import ProxyError, bad_request, unauthorized
+from proxy.server.responses import json_response
+from proxy.server.validation import parse_json
+from proxy.usage import report
+from proxy.usage.store import UsageStore
 
-PAGE = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
+PAGE = (Path(__file__).parent / "savings_page.html").read_text(encoding="utf-8")
 RECENT = 20
 LOGIN_MAX_BYTES = 4096
 

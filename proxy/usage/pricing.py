@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import litellm
 
-from proxy.router import Deployment
+from proxy.routing.router import Deployment
 
 
 class PricingError(Exception):

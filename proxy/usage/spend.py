@@ -17,10 +17,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.errors import bad_request
-from proxy.keys import key_id
-from proxy.responses import json_response
-from proxy.store import UsageStore
+from proxy.server.errors import bad_request
+from proxy.server.responses import json_response
+from proxy.usage.keys import key_id
+from proxy.usage.store import UsageStore
 
 
 def parse_date(value: str | None, name: str, end: bool = False) -> float | None:

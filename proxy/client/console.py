@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from proxy.client import TASKS, api_key, proxy_url, split_model
+from proxy.client.api import TASKS, api_key, proxy_url, split_model
 
 EXIT_FAILED, EXIT_UNREACHABLE = 1, 2
 
@@ -60,7 +60,7 @@ def _get(path: str) -> Any:
 
 
 def ask(args: argparse.Namespace) -> int:
-    from proxy import client
+    from proxy.client import api as client
 
     prompt = read_prompt(args)
     if not prompt.strip():
@@ -183,7 +183,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _store_facts() -> dict[str, Any]:
-    from proxy.store import StoreError, UsageStore
+    from proxy.usage.store import StoreError, UsageStore
 
     try:
         store = UsageStore.open()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import httpx
 
-from proxy import diff, review
-from proxy.client import api_key, proxy_url
-from proxy.console import stdin_is_piped
+from proxy.client.api import api_key, proxy_url
+from proxy.client.console import stdin_is_piped
+from proxy.review import diff
+from proxy.review import findings as review
 
 DEFAULT_CONTEXT = 2048  # when the proxy cannot tell: Ollama's default num_ctx, and our backend's
 PROMPT_OVERHEAD_TOKENS = 250

@@ -8,14 +8,12 @@ reading the same file agree on ids (cooldowns shared through Redis are keyed by 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-
-from proxy.settings import ConfigError, Settings, check_against_litellm, import_object
-
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price table at import
+from typing import Any
 
 import litellm
+
+from proxy.settings import ConfigError, Settings, check_against_litellm, import_object
 
 log = logging.getLogger("delegate")
 
@@ -48,29 +46,48 @@ def deployment_id(index: int, group: str) -> str:
     return f"{group}#{index}"
 
 
+# Ours, always registered by the code that builds the Router: the usage callback (whose attempt trace decides
+# the proxy's 502/503/429 answers and writes every row) and the tinygrad provider. Configs written before
+# this named them in litellm_settings; those entries are taken as ours, not added twice.
+OWN_CALLBACKS = ("proxy.usage.usage_logger", "proxy.usage.trace.usage_logger")
+OWN_PROVIDERS = {"tinygrad"}
+
+
 def configure_litellm(settings: Settings) -> None:
-    """litellm_settings from config.yaml, with the dotted names of callbacks and handlers imported."""
+    """litellm_settings from config.yaml, with the dotted names of callbacks and handlers imported; our usage
+    callback and tinygrad provider are added whatever the config says (it may add others, not remove ours)."""
+    from proxy.routing.tinygrad_provider import PROVIDER, provider
+    from proxy.usage.trace import usage_logger
+
     check_against_litellm(settings)
     litellm.telemetry = False
     litellm.suppress_debug_info = True
     logging.getLogger("LiteLLM").setLevel(logging.CRITICAL)  # its errors repeat what we report, keys included
     logging.getLogger("LiteLLM Router").setLevel(logging.CRITICAL)
+    callbacks: list[Any] = [usage_logger]
+    providers: list[dict[str, Any]] = [{"provider": PROVIDER, "custom_handler": provider}]
     for key, value in settings.litellm_settings.items():
         if key == "callbacks":
-            value = [import_object(v, f"litellm_settings.callbacks[{i}]") if isinstance(v, str) else v
-                     for i, v in enumerate(value)]
+            callbacks += [import_object(v, f"litellm_settings.callbacks[{i}]") if isinstance(v, str) else v
+                          for i, v in enumerate(value) if v not in OWN_CALLBACKS and v is not usage_logger]
         elif key == "custom_provider_map":
-            value = [{**item, "custom_handler": import_object(item["custom_handler"],
-                                                              f"litellm_settings.custom_provider_map[{i}]")}
-                     if isinstance(item.get("custom_handler"), str) else item for i, item in enumerate(value)]
-        setattr(litellm, key, value)
-    if settings.litellm_settings.get("custom_provider_map"):
-        from litellm.utils import custom_llm_setup
+            providers += [{**item, "custom_handler": import_object(item["custom_handler"],
+                                                                   f"litellm_settings.custom_provider_map[{i}]")}
+                          if isinstance(item.get("custom_handler"), str) else item
+                          for i, item in enumerate(value) if item.get("provider") not in OWN_PROVIDERS]
+        else:
+            setattr(litellm, key, value)
+    litellm.callbacks = callbacks  # type: ignore[assignment]
+    litellm.custom_provider_map = providers  # type: ignore[assignment]
+    from litellm.utils import custom_llm_setup
 
-        custom_llm_setup()
+    custom_llm_setup()
 
 
-def build_router(settings: Settings) -> tuple[litellm.Router, dict[str, Deployment]]:
+Routing = tuple[litellm.Router, dict[str, "Deployment"]]
+
+
+def build_router(settings: Settings) -> Routing:
     configure_litellm(settings)
     model_list = []
     deployments: dict[str, Deployment] = {}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from proxy.diff import FileDiff, Hunk
+from proxy.review.diff import FileDiff, Hunk
 
 SEVERITIES = ("high", "medium", "low")
 _SYNONYMS = {"critical": "high", "blocker": "high", "error": "high", "major": "medium", "warning": "medium",

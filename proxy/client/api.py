@@ -167,13 +167,13 @@ def start_proxy(config: str | Path | None = None, timeout: float = 900.0) -> boo
 
     Its output goes to $DELEGATE_HOME/serve.log. Returns whether the proxy answered ready in time.
     """
-    from proxy.store import delegate_home
+    from proxy.usage.store import delegate_home
 
     if not is_proxy_running():
         url = httpx.URL(proxy_url())
         home = delegate_home()
         home.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "proxy.cli", "serve", "--host", url.host, "--port", str(url.port or 4000)]
+        cmd = [sys.executable, "-m", "proxy.client.cli", "serve", "--host", url.host, "--port", str(url.port or 4000)]
         if config is not None:
             cmd += ["--config", str(config)]
         with (home / "serve.log").open("ab") as log:

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.store import Run, UsageStore
+from proxy.usage.store import Run, UsageStore
 
 PREFIX = "sk-dlg-"
 HOLD_RENEW_S = 10.0  # how often a live process renews its holds

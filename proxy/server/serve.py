@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy.backend_process import LocalBackend, StartError
+from proxy.server.backend_process import LocalBackend, StartError
 from proxy.settings import ConfigError, Settings
-from proxy.store import StoreError, UsageStore
+from proxy.usage.store import StoreError, UsageStore
 
 if TYPE_CHECKING:
     import uvicorn
+
+    from proxy.routing.router import Routing
 
 log = logging.getLogger("delegate")
 EXIT_BAD_START = 2
@@ -70,14 +72,15 @@ def tune_collector() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def load_settings(config: Path) -> Settings:
+def load_settings(config: Path) -> tuple[Settings, Routing]:
+    """The config, checked, and the Router built from it: the one the proxy then serves with (built once)."""
     from proxy import settings as settings_module
-    from proxy.pricing import PricingError, check_reference_model
-    from proxy.router import build_router
-    from proxy.shared_state import check_reachable, redis_settings
+    from proxy.routing.router import build_router
+    from proxy.routing.shared_state import check_reachable, redis_settings
+    from proxy.usage.pricing import PricingError, check_reference_model
 
     settings = settings_module.load(config)
-    build_router(settings)  # the checks that need LiteLLM, and the Router's own, before anything starts
+    routing = build_router(settings)  # the checks that need LiteLLM, and the Router's own, before anything starts
     try:
         check_reference_model(settings.delegate.reference_model)
     except PricingError as e:
@@ -87,14 +90,14 @@ def load_settings(config: Path) -> Settings:
             check_reachable(conn)
         except ConnectionError as e:
             raise ConfigError(f"router_settings.{conn['field']}: {e}") from e
-    return settings
+    return settings, routing
 
 
 def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     """How `delegate serve` runs the app: uvloop, httptools with a header timeout (slowloris), a 30 s drain."""
     import uvicorn
 
-    from proxy.header_timeout import with_header_timeout
+    from proxy.server.header_timeout import with_header_timeout
 
     return uvicorn.Config(app, loop="uvloop", http=with_header_timeout(settings.delegate.header_timeout_s),
                           log_level="warning", access_log=False, timeout_graceful_shutdown=30)
@@ -115,7 +118,7 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True, json_lo
         if not is_loopback(host) and not master_key:
             raise StartError(f"refusing to listen on {host} without DELEGATE_MASTER_KEY: anyone on the network "
                              "could use it. Set the key, or bind 127.0.0.1")
-        settings = load_settings(config)
+        settings, routing = load_settings(config)
         store = UsageStore.open()
         sock = bind(host, port)
         backend = LocalBackend.start(settings.delegate.backend) if with_backend and settings.delegate.backend else None
@@ -125,9 +128,9 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True, json_lo
     try:
         import uvicorn
 
-        from proxy.app import create_app
+        from proxy.server.app import create_app
 
-        app = create_app(settings, master_key, store)
+        app = create_app(settings, master_key, store, routing)
         tune_collector()
         server = uvicorn.Server(server_config(app, settings))
         log.info("delegate proxy on http://%s:%d/v1 (aliases: %s)", host, port, ", ".join(settings.aliases))

@@ -1,0 +1,1 @@
+"""Code review of a diff by the `review` alias (`delegate review`, `make review`). Client-side: no LiteLLM."""
