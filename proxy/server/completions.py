@@ -26,6 +26,8 @@ from proxy.server.errors import ProxyError
 from proxy.server.failures import chain_failure
 from proxy.server.responses import json_response, sse
 from proxy.server.shapes import chat_chunk, chat_dict, has_text, text_chunk, text_dict
+from proxy.usage.sources import HEADER as SOURCE_HEADER
+from proxy.usage.sources import source_of
 from proxy.usage.trace import RequestTrace
 
 if TYPE_CHECKING:
@@ -47,7 +49,8 @@ class Completions:
         validation.check_common(body)
         validation.check_tools(body)
         hold = await p.admission.admit(caller, alias, body, body["messages"])
-        trace = p.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, p.recorder.record)
+        trace = p.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, p.recorder.record,
+                              source=source_of(request.headers.get(SOURCE_HEADER)))
         trace.hold = hold
         trace.prompt = body["messages"]
         kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
@@ -62,7 +65,8 @@ class Completions:
         validation.check_prompt(body)
         validation.check_common(body)
         hold = await p.admission.admit(caller, alias, body, body["prompt"])
-        trace = p.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, p.recorder.record)
+        trace = p.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, p.recorder.record,
+                              source=source_of(request.headers.get(SOURCE_HEADER)))
         trace.hold = hold
         prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
         trace.prompt = prompt

@@ -70,7 +70,7 @@ class Recorder:
             "prompt_tokens": trace.prompt_tokens, "completion_tokens": trace.completion_tokens,
             "latency_s": trace.latency_s, "ttft_s": trace.ttft_s, "decode_tps": trace.decode_tps,
             "generation_s": trace.generation_s, "error_class": trace.error_class, "error": trace.error,
-            "key_id": trace.key_id, "reference_model": self.settings.reference_model,
+            "key_id": trace.key_id, "source": trace.source, "reference_model": self.settings.reference_model,
             "reference_cost": price.reference, "local_cost": price.local, "saved": price.saved,
         }
 

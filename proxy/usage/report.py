@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-GROUPINGS = {"task": "alias", "model": "model", "day": "day", "key": "key_id"}
+GROUPINGS = {"task": "alias", "model": "model", "day": "day", "key": "key_id", "source": "source"}
 
 
 @dataclass
@@ -94,6 +94,8 @@ def _group_key(row: dict[str, Any], by: str) -> str:
     value = row.get(GROUPINGS[by])
     if by == "model" and value is None:
         return "(none answered)"
+    if by == "source" and value is None:
+        return "api"  # rows written before sources were recorded came through the API
     return str(value) if value is not None else "(none)"
 
 

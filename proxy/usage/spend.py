@@ -62,7 +62,7 @@ def spend_log(row: dict[str, Any]) -> dict[str, Any]:
         "user": "",
         "metadata": {"status": row["status"], "attempts": row["attempts"], "fallbacks": row["fallbacks"],
                      "error_class": row["error_class"], "error": row["error"], "stream": row["stream"],
-                     "decode_tps": row["decode_tps"], "device": row["device"]},
+                     "decode_tps": row["decode_tps"], "device": row["device"], "source": row.get("source") or "api"},
         "cache_hit": "False",
         "cache_key": "",
         "request_tags": [],

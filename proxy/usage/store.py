@@ -26,6 +26,7 @@ COLUMNS = (
     "request_id", "created_at", "alias", "endpoint", "stream", "status", "served_by", "model", "backend", "device",
     "attempts", "fallbacks", "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "decode_tps",
     "generation_s", "error_class", "error", "key_id", "reference_model", "reference_cost", "local_cost", "saved",
+    "source",  # m004
 )
 
 
@@ -108,7 +109,12 @@ def m003_holds(db: Database) -> None:
     db.execute("CREATE INDEX holds_key_id ON holds (key_id)")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys, m003_holds]
+def m004_source(db: Database) -> None:
+    """Where each request came from (api, cli, mcp, messages, review); rows from before say nothing (api)."""
+    db.execute("ALTER TABLE usage ADD COLUMN source TEXT")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys, m003_holds, m004_source]
 
 
 # --- the two databases -----------------------------------------------------------------------------------

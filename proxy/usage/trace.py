@@ -46,6 +46,7 @@ class RequestTrace:
     endpoint: str
     stream: bool
     key_id: str | None = None
+    source: str = "api"  # where the request came from: api | cli | mcp | messages | review (sources.py)
     started_at: float = field(default_factory=time.time)  # wall clock, for the row
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
@@ -107,8 +108,9 @@ class UsageLogger(CustomLogger):
         self._open: dict[str, RequestTrace] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def begin(self, alias: str, endpoint: str, stream: bool, key_id: str | None, sink: Sink | None) -> RequestTrace:
-        trace = RequestTrace(f"req_{uuid.uuid4().hex}", alias, endpoint, stream, key_id, sink=sink)
+    def begin(self, alias: str, endpoint: str, stream: bool, key_id: str | None, sink: Sink | None,
+              source: str = "api") -> RequestTrace:
+        trace = RequestTrace(f"req_{uuid.uuid4().hex}", alias, endpoint, stream, key_id, source=source, sink=sink)
         self._open[trace.request_id] = trace
         return trace
 

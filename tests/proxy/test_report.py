@@ -46,7 +46,8 @@ def test_totals_and_rates() -> None:
 
 
 @pytest.mark.parametrize(("by", "keys"), [("task", ["coding", "quick"]), ("key", ["key_a", "key_b"]),
-                                          ("model", ["(none answered)", "ollama_chat/qwen2.5-coder:7b", "tinygrad/smollm2"])])
+                                          ("model", ["(none answered)", "ollama_chat/qwen2.5-coder:7b", "tinygrad/smollm2"]),
+                                          ("source", ["api"])])  # rows from before sources were recorded
 def test_breakdowns(by: str, keys: list[str]) -> None:
     assert list(report.build(ROWS, None, datetime.now(UTC), by=by).groups) == keys
 

@@ -59,7 +59,9 @@ def test_savings_page_renders_chart_tasks_and_recent_requests(tmp_path: Path, fa
     assert len(re.findall(r'class="bar"', dom)) == 7
     for task in ("coding", "quick", "review"):
         assert f'data-task="{task}"' in dom
-    assert dom.count("<tr") == 2 + 3 + 12  # two header rows, a row per task, the twelve requests
+    assert 'data-source="api"' in dom  # the rows here came through the API
+    # three header rows, a row per task, one per source, the twelve requests
+    assert dom.count("<tr") == 3 + 3 + 1 + 12
 
     shot = ARTIFACTS / "savings-page.png"
     shot.unlink(missing_ok=True)
