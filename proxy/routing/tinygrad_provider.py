@@ -25,13 +25,16 @@ from typing import Any
 import httpx
 import litellm
 from litellm.llms.custom_llm import CustomLLM
-from litellm.types.utils import GenericStreamingChunk, ModelResponse
+from litellm.types.utils import ChatCompletionMessageToolCall, GenericStreamingChunk, ModelResponse
 
 PROVIDER = "tinygrad"
 DEFAULT_API_BASE = "http://127.0.0.1:8001"
 _LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-# sampling parameters the backend understands; LiteLLM hands over whatever the caller sent
-_PASSED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "tools", "user")
+# what the backend understands (OpenAI's fields and llama.cpp server's top_k, min_p, repeat_penalty and
+# repeat_last_n); LiteLLM hands over whatever the caller sent, in optional_params
+_PASSED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "user",
+           "response_format", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+           "top_k", "min_p", "repeat_penalty", "repeat_last_n")
 
 
 def _timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
@@ -91,8 +94,15 @@ def _error_from_transport(e: httpx.HTTPError, model: str, api_base: str | None) 
 def _fill(model_response: ModelResponse, data: dict[str, Any], model: str) -> ModelResponse:
     choice = data["choices"][0]
     message = choice.get("message") or {}
-    model_response.choices[0].message.content = message.get("content") or ""  # type: ignore[union-attr]
-    model_response.choices[0].finish_reason = choice.get("finish_reason") or "stop"
+    out = model_response.choices[0]
+    out.message.content = message.get("content")  # type: ignore[union-attr]  # None beside tool calls, as OpenAI's
+    if message.get("tool_calls"):
+        out.message.tool_calls = [ChatCompletionMessageToolCall(**call) for call in message["tool_calls"]]  # type: ignore[union-attr]
+    elif out.message.content is None:  # type: ignore[union-attr]
+        out.message.content = ""  # type: ignore[union-attr]
+    out.finish_reason = choice.get("finish_reason") or "stop"
+    if choice.get("logprobs"):
+        out.logprobs = choice["logprobs"]  # type: ignore[union-attr]
     model_response.model = f"{PROVIDER}/{data.get('model') or model}"
     usage = data.get("usage") or {}
     model_response.usage = litellm.Usage(  # type: ignore[attr-defined]
@@ -106,10 +116,10 @@ def _fill(model_response: ModelResponse, data: dict[str, Any], model: str) -> Mo
 
 
 def _chunk(text: str = "", finish: str | None = None, usage: dict | None = None,
-           timings: dict | None = None) -> GenericStreamingChunk:
+           timings: dict | None = None, tool_use: dict | None = None) -> GenericStreamingChunk:
     chunk: GenericStreamingChunk = {
         "text": text, "is_finished": finish is not None, "finish_reason": finish or "", "index": 0,
-        "tool_use": None, "usage": None,
+        "tool_use": tool_use, "usage": None,  # type: ignore[typeddict-item]
     }
     if usage:
         chunk["usage"] = {"prompt_tokens": usage.get("prompt_tokens", 0),
@@ -141,9 +151,14 @@ class _SSE:
         if obj.get("usage"):
             return _chunk(finish=self.finish or "stop", usage=obj["usage"], timings=self.timings)
         choice = (obj.get("choices") or [{}])[0]
-        text = (choice.get("delta") or {}).get("content") or ""
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or ""
         if choice.get("finish_reason"):
             self.finish = choice["finish_reason"]  # sent with the usage chunk that follows
+        if delta.get("tool_calls"):  # the backend streams a whole call in one delta
+            call = delta["tool_calls"][0]
+            return _chunk(text, tool_use={"index": call.get("index", 0), "id": call.get("id"), "type": "function",
+                                          "function": call.get("function") or {}})
         return _chunk(text) if text else None
 
 

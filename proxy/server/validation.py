@@ -23,7 +23,9 @@ SEED_LIMIT = 1 << 63  # seeds are in [0, 2^63): what every backend takes (llama.
 # client-settable parameters forwarded to the Router; the rest of OpenAI's list is accepted and dropped
 FORWARDED = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user", "tools",
              "tool_choice", "parallel_tool_calls", "response_format", "presence_penalty", "frequency_penalty",
-             "logit_bias", "logprobs", "top_logprobs")
+             "logit_bias", "logprobs", "top_logprobs",
+             # llama.cpp server's and Ollama's sampling controls, which local backends take (OpenAI's do not)
+             "top_k", "min_p", "repeat_penalty", "repeat_last_n")
 ACCEPTED = frozenset((*FORWARDED, "model", "messages", "prompt", "stream", "stream_options", "n", "store",
                       "service_tier", "modalities", "reasoning_effort", "prediction", "audio", "verbosity",
                       "suffix", "echo", "best_of", "web_search_options", "prompt_cache_key", "safety_identifier"))
@@ -108,6 +110,19 @@ def check_common(body: dict[str, Any]) -> None:
     _number(body, "top_p", 0.0, 1.0, low_open=True)
     _number(body, "presence_penalty", -2.0, 2.0)
     _number(body, "frequency_penalty", -2.0, 2.0)
+    _number(body, "min_p", 0.0, 1.0)
+    _number(body, "repeat_penalty", 0.0, 10.0, low_open=True)
+    for name, low, high in (("top_k", 0, 1 << 20), ("repeat_last_n", -1, 1 << 20)):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or not low <= value <= high):
+            raise bad_request(f"'{name}' must be an integer from {low} to {high}, got {value!r}", param=name)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema")
+                                and (fmt["type"] != "json_schema" or isinstance(fmt.get("json_schema"), dict)
+                                     and isinstance(fmt["json_schema"].get("schema", {}), dict))):
+        raise bad_request("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                          param="response_format")
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise bad_request("'logprobs' must be true or false", param="logprobs")
