@@ -2,16 +2,16 @@
 
 It keeps the old `scripts.local_llm` API: delegate, delegate_with_retry, quick_code, quick_analysis,
 quick_answer and LLMResponse, with the same fields. Backend and network failures come back as
-`success=False` with a readable `error`, never as an exception; programmer errors (an unknown task, an
-empty prompt) raise ValueError. It speaks to the proxy with the `openai` SDK and never imports litellm.
-Set DELEGATE_URL (default http://127.0.0.1:4000) and DELEGATE_API_KEY (default sk-local) to point it
-elsewhere. Safe to use from a thread pool.
+`success=False` with a readable `error`, never as an exception; programmer errors (an empty prompt, a task
+the proxy serves no alias for) raise ValueError. The aliases are the proxy's own (GET /v1/models, kept for a
+few seconds), so an alias added to config.yaml works here as soon as the proxy serves it. It speaks to the
+proxy through proxy.client.connection (the `openai` SDK, requests marked `x-delegate-source: api`) and never
+imports litellm. Set DELEGATE_URL (default http://127.0.0.1:4000) and DELEGATE_API_KEY (default sk-local) to
+point it elsewhere. Safe to use from a thread pool.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import subprocess
 import sys
 import time
@@ -22,12 +22,13 @@ from typing import Any
 import httpx
 import openai
 
-TASKS = ("coding", "quick", "analysis", "translation", "creative", "heavy", "review")
-# where delegate_with_retry goes once the proxy says a task's whole chain failed
-NEXT_TASK = {"heavy": "analysis", "analysis": "quick", "creative": "quick", "translation": "quick",
-             "review": "coding", "coding": "quick", "quick": None}
-DEFAULT_URL = "http://127.0.0.1:4000"
-DEFAULT_KEY = "sk-local"  # any key works while the proxy has no DELEGATE_MASTER_KEY
+from proxy.client.connection import DEFAULT_KEY as DEFAULT_KEY  # re-exported: the names scripts used
+from proxy.client.connection import DEFAULT_URL as DEFAULT_URL
+from proxy.client.connection import Connection, ProxyError, Unreachable
+from proxy.client.connection import api_key as api_key
+from proxy.client.connection import proxy_url as proxy_url
+
+SOURCE = "api"  # what usage rows say these requests came from
 CODE_SYSTEM = "You are a careful programmer. Answer with working code and at most a short explanation."
 
 
@@ -53,20 +54,6 @@ class LLMResponse:
         return asdict(self)
 
 
-def proxy_url() -> str:
-    return (os.environ.get("DELEGATE_URL") or DEFAULT_URL).rstrip("/").removesuffix("/v1")
-
-
-def api_key() -> str:
-    return os.environ.get("DELEGATE_API_KEY") or DEFAULT_KEY
-
-
-@functools.lru_cache(maxsize=8)
-def _client(url: str, key: str) -> openai.OpenAI:
-    # retries are ours (delegate_with_retry) and the proxy's; the SDK's own would hide failures
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
-
-
 def split_model(served: str) -> tuple[str, str]:
     """`ollama_chat/qwen2.5-coder:7b` -> ("qwen2.5-coder:7b", "ollama")."""
     provider, _, name = served.partition("/")
@@ -75,18 +62,16 @@ def split_model(served: str) -> tuple[str, str]:
     return name, {"ollama_chat": "ollama"}.get(provider, provider)
 
 
-def _check(prompt: str, task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+def _check_prompt(prompt: str) -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty")
 
 
-def _error_text(e: Exception) -> tuple[str, int | None]:
+def _error_text(e: Exception, conn: Connection) -> tuple[str, int | None]:
     if isinstance(e, openai.APITimeoutError):
         return "the request timed out", None
     if isinstance(e, openai.APIConnectionError):
-        return f"cannot reach the Delegate proxy at {proxy_url()}: start it with `make serve`", None
+        return conn.unreachable_message(), None
     if isinstance(e, openai.APIStatusError):
         body = e.body if isinstance(e.body, dict) else {}
         message = body.get("message") or str(e)
@@ -96,17 +81,30 @@ def _error_text(e: Exception) -> tuple[str, int | None]:
 
 def delegate(prompt: str, task: str = "coding", system: str | None = None, max_tokens: int = 1024,
              temperature: float = 0.2, timeout: float = 300.0) -> LLMResponse:
-    """Ask the proxy's `task` alias; failures come back as success=False with a readable error."""
-    _check(prompt, task)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    """Ask the proxy's `task` alias; failures come back as success=False with a readable error.
+
+    ValueError for an empty prompt, and for a task the proxy serves no alias for (the message names its
+    aliases); the proxy is asked which it serves, so an unreachable proxy is a failed result, not an error."""
+    return delegate_via(Connection(SOURCE), prompt, task, system, max_tokens, temperature, timeout)
+
+
+def delegate_via(conn: Connection, prompt: str, task: str = "coding", system: str | None = None,
+                 max_tokens: int = 1024, temperature: float = 0.2, timeout: float = 300.0) -> LLMResponse:
+    """`delegate` over a given connection: other client tools (`delegate ask --json`) name their own source."""
+    _check_prompt(prompt)
     start = time.perf_counter()
     try:
-        raw = _client(proxy_url(), api_key()).chat.completions.with_raw_response.create(
+        conn.check_alias(task)
+    except Unreachable as e:
+        return LLMResponse("", "", "", (time.perf_counter() - start) * 1000, 0, 0.0, False, str(e), task)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        raw = conn.openai().chat.completions.with_raw_response.create(
             model=task, messages=messages, max_tokens=max_tokens, temperature=temperature,  # type: ignore[arg-type]
             timeout=timeout)
         reply = raw.parse()
     except openai.OpenAIError as e:
-        text, status = _error_text(e)
+        text, status = _error_text(e, conn)
         return LLMResponse("", "", "", (time.perf_counter() - start) * 1000, 0, 0.0, False, text, task, status_code=status)
     latency_ms = (time.perf_counter() - start) * 1000
     model, backend = split_model(reply.model)
@@ -119,25 +117,23 @@ def delegate(prompt: str, task: str = "coding", system: str | None = None, max_t
 
 def delegate_with_retry(prompt: str, task: str = "coding", max_retries: int = 3, backoff_s: float = 1.0,
                         **kwargs: Any) -> LLMResponse:
-    """Retry with backoff; move to the next task alias only when the proxy's own fallbacks are exhausted.
+    """Ask `task` again, with backoff, while the failure may pass; always the same alias.
 
-    A proxy that cannot be reached, or a request that timed out, is retried as it was. An answer of
-    502/503/504 means every model in the task's chain failed, so the next attempt asks the next task
-    (coding -> quick, ...). 429 (every deployment cooling down) waits and tries again.
+    Retried: a proxy that cannot be reached, a request that timed out, 429 (every deployment cooling down)
+    and 5xx. Not retried: any other 4xx (the request itself is wrong) and ValueError (an empty prompt, an
+    unknown task). Where to fall back is the alias's chain in config.yaml, which the proxy has already walked
+    when it answers 502/503/504: to fall back further, lengthen that chain. The old scripts also hopped to
+    another alias (coding -> quick, ...) from a table copied from config; it is gone, since every shipped
+    chain already ends in the models it led to, and an alias added to config.yaml had no entry in it.
     """
-    _check(prompt, task)
     result = LLMResponse("", "", "", 0.0, 0, 0.0, False, "not attempted", task)
-    current: str | None = task
     for attempt in range(max_retries + 1):
-        assert current is not None
-        result = delegate(prompt, task=current, **kwargs)
+        result = delegate(prompt, task=task, **kwargs)
         if result.success:
             return result
         status = result.status_code
         if status is not None and 400 <= status < 500 and status != 429:
             return result  # the request itself is wrong: asking again will not help
-        if status in (502, 503, 504) and NEXT_TASK.get(current):
-            current = NEXT_TASK[current]
         if attempt < max_retries:
             time.sleep(backoff_s * 2**attempt)
     return result
@@ -157,8 +153,8 @@ def quick_answer(question: str, **kwargs: Any) -> LLMResponse:
 
 def is_proxy_running(timeout: float = 1.0) -> bool:
     try:
-        return httpx.get(proxy_url() + "/health/liveliness", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
+        return Connection(SOURCE).get("/health/liveliness", timeout=timeout).status_code == 200
+    except ProxyError:
         return False
 
 
@@ -169,8 +165,9 @@ def start_proxy(config: str | Path | None = None, timeout: float = 900.0) -> boo
     """
     from proxy.usage.store import delegate_home
 
+    conn = Connection(SOURCE)
     if not is_proxy_running():
-        url = httpx.URL(proxy_url())
+        url = httpx.URL(conn.url)
         home = delegate_home()
         home.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "proxy.client.cli", "serve", "--host", url.host, "--port", str(url.port or 4000)]
@@ -178,13 +175,13 @@ def start_proxy(config: str | Path | None = None, timeout: float = 900.0) -> boo
             cmd += ["--config", str(config)]
         with (home / "serve.log").open("ab") as log:
             subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+                             start_new_session=True, cwd=Path(__file__).resolve().parents[2])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(proxy_url() + "/health/readiness", timeout=2).status_code == 200:
+            if conn.get("/health/readiness", timeout=2).status_code == 200:
                 return True
-        except httpx.HTTPError:
+        except ProxyError:
             pass
         time.sleep(0.5)
     return False

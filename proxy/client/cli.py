@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.usage.keys import KeyStore
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -43,39 +47,47 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys(args: argparse.Namespace) -> int:
+def _key_store() -> KeyStore:
+    from proxy.usage.keys import KeyStore
+    from proxy.usage.store import UsageStore
+
+    return KeyStore(UsageStore.open())
+
+
+def _keys_create(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from proxy.usage.keys import KeyStore
-    from proxy.usage.store import StoreError, UsageStore
+    from proxy.usage.store import StoreError
 
+    aliases = [a.strip() for a in args.aliases.split(",") if a.strip()] if args.aliases else None
+    if aliases is not None and (unknown := _unknown_aliases(aliases, args.config)):
+        return _fail(f"unknown alias {', '.join(unknown)} (config {args.config})")
+    if args.budget is not None and args.budget < 0 or args.rpm is not None and args.rpm < 1:
+        return _fail("--budget must be at least 0 and --rpm at least 1")
     try:
-        keys = KeyStore(UsageStore.open())
+        keys = _key_store()
     except StoreError as e:
         return _fail(str(e))
-    if args.action == "create":
-        aliases = [a.strip() for a in args.aliases.split(",") if a.strip()] if args.aliases else None
-        if aliases is not None and (unknown := _unknown_aliases(aliases, args.config)):
-            return _fail(f"unknown alias {', '.join(unknown)} (config {args.config})")
-        if args.budget is not None and args.budget < 0 or args.rpm is not None and args.rpm < 1:
-            return _fail("--budget must be at least 0 and --rpm at least 1")
-        expires = time.time() + args.expires_days * 86400 if args.expires_days else None
-        key, issued = keys.create(args.name, aliases, args.budget, args.rpm, expires)
-        if args.json:
-            print(json.dumps({"key": key, **issued.as_dict()}, indent=2))
-        else:
-            print(key)
-            print(f"({issued.key_id}: shown once; the store keeps only its hash)", file=sys.stderr)
-        return 0
-    if args.action == "revoke":
-        if not args.key_id:
-            return _fail("which key? delegate keys revoke KEY_ID (see delegate keys list)")
-        if not keys.revoke(args.key_id):
-            return _fail(f"no active key {args.key_id}")
-        print(f"revoked {args.key_id}")
-        return 0
-    listed = [k.as_dict() for k in keys.all()]
+    expires = time.time() + args.expires_days * 86400 if args.expires_days else None
+    key, issued = keys.create(args.name, aliases, args.budget, args.rpm, expires)
+    if args.json:
+        print(json.dumps({"key": key, **issued.as_dict()}, indent=2))
+    else:
+        print(key)
+        print(f"({issued.key_id}: shown once; the store keeps only its hash)", file=sys.stderr)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    import json
+
+    from proxy.usage.store import StoreError
+
+    try:
+        listed = [k.as_dict() for k in _key_store().all()]
+    except StoreError as e:
+        return _fail(str(e))
     if args.json:
         print(json.dumps(listed, indent=2))
         return 0
@@ -91,6 +103,19 @@ def _keys(args: argparse.Namespace) -> int:
                       f"${k['budget_usd']:.2f}" if k["budget_usd"] is not None else "-", f"${k['spent_usd']:.4f}",
                       str(k["rpm"] or "-"), state)
     Console().print(table)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from proxy.usage.store import StoreError
+
+    try:
+        revoked = _key_store().revoke(args.key_id)
+    except StoreError as e:
+        return _fail(str(e))
+    if not revoked:
+        return _fail(f"no active key {args.key_id}")
+    print(f"revoked {args.key_id}")
     return 0
 
 
@@ -135,7 +160,10 @@ def _review(args: argparse.Namespace) -> int:
     return review_cli.run(args)
 
 
-TASKS = ("coding", "quick", "analysis", "translation", "creative", "heavy", "review")  # proxy.client.TASKS, unimported
+def _mcp(args: argparse.Namespace) -> int:
+    from proxy.client.mcp_server import main
+
+    return main()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="ask a task alias; the answer streams to stdout")
     p.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads stdin (stdin is also appended when piped)")
-    p.add_argument("--task", "-t", default="coding", choices=TASKS, help="task alias (default coding)")
+    p.add_argument("--task", "-t", default="coding", help="task alias (default coding; `delegate models` lists them)")
     p.add_argument("--system", help="a system prompt")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.2)
@@ -166,9 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["markdown", "json", "sarif"], default="markdown")
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.add_argument("--fail-on", choices=["high", "medium", "low"], help="exit 1 when a finding is this severe or worse")
-    p.add_argument("--task", default="review", choices=TASKS, help="task alias to ask (default review)")
+    p.add_argument("--task", default="review", help="task alias to ask (default review)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest reply per piece of the diff (default 512)")
     p.set_defaults(func=_review)
+
+    p = sub.add_parser("mcp", help="serve the delegate, review and savings tools to Claude over MCP (stdio)")
+    p.set_defaults(func=_mcp)
 
     p = sub.add_parser("serve", help="start the local backend and the OpenAI-compatible proxy")
     p.add_argument("--config", default="config.yaml", help="router config (default: config.yaml)")
@@ -179,16 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("keys", help="issue, list and revoke API keys (limited to aliases, a budget and a rate)")
-    p.add_argument("action", choices=["create", "list", "revoke"])
-    p.add_argument("key_id", nargs="?", help="the key to revoke")
-    p.add_argument("--name")
-    p.add_argument("--aliases", help="comma-separated task aliases the key may use (default all)")
-    p.add_argument("--budget", type=float, help="budget in reference-model dollars")
-    p.add_argument("--rpm", type=int, help="requests per minute")
-    p.add_argument("--expires-days", type=float)
-    p.add_argument("--config", default="config.yaml", help="checked for the aliases (default config.yaml)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_keys)
+    keys = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    k = keys.add_parser("create", help="issue a key; it is printed once, the store keeps only its hash")
+    k.add_argument("--name", help="who or what the key is for")
+    k.add_argument("--aliases", help="comma-separated task aliases the key may use (default all)")
+    k.add_argument("--budget", type=float, help="budget in reference-model dollars")
+    k.add_argument("--rpm", type=int, help="requests per minute")
+    k.add_argument("--expires-days", type=float, help="the key stops working after this many days")
+    k.add_argument("--config", default="config.yaml", help="checked for the aliases (default config.yaml)")
+    k.add_argument("--json", action="store_true", help="print the key and its limits as JSON")
+    k.set_defaults(func=_keys_create)
+    k = keys.add_parser("list", help="every issued key, its limits, spend and state")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_keys_list)
+    k = keys.add_parser("revoke", help="revoke a key: 401 from its next request on")
+    k.add_argument("key_id", help="the key's id, as `delegate keys list` shows it")
+    k.set_defaults(func=_keys_revoke)
 
     p = sub.add_parser("report", help="what delegation saved: calls, tokens, latency, costs")
     when = p.add_mutually_exclusive_group()

@@ -15,11 +15,11 @@ import sys
 import time
 from typing import Any
 
-import httpx
-
-from proxy.client.api import TASKS, api_key, proxy_url, split_model
+from proxy.client.api import split_model
+from proxy.client.connection import Connection, ProxyError, Unreachable
 
 EXIT_FAILED, EXIT_UNREACHABLE = 1, 2
+SOURCE = "cli"  # what usage rows say these requests came from
 
 
 def fail(message: str, status: int = EXIT_FAILED) -> int:
@@ -27,8 +27,8 @@ def fail(message: str, status: int = EXIT_FAILED) -> int:
     return status
 
 
-def unreachable() -> int:
-    return fail(f"cannot reach the Delegate proxy at {proxy_url()}: start it with `make serve`", EXIT_UNREACHABLE)
+def unreachable(conn: Connection) -> int:
+    return fail(conn.unreachable_message(), EXIT_UNREACHABLE)
 
 
 def stdin_is_piped() -> bool:
@@ -52,36 +52,34 @@ def read_prompt(args: argparse.Namespace) -> str:
     return f"{args.prompt}\n\n{piped}" if piped.strip() else args.prompt
 
 
-def _get(path: str) -> Any:
-    r = httpx.get(proxy_url() + path, headers={"authorization": f"Bearer {api_key()}"}, timeout=10)
-    if r.status_code == 401:
-        raise PermissionError("the proxy wants a key: set DELEGATE_API_KEY")
-    return r
-
-
 def ask(args: argparse.Namespace) -> int:
     from proxy.client import api as client
 
     prompt = read_prompt(args)
     if not prompt.strip():
         return fail("nothing to ask: give a prompt, or pipe one on stdin")
-    if args.task not in TASKS:
-        return fail(f"unknown task {args.task!r}; expected one of {', '.join(TASKS)}")
-    if args.json:
-        result = client.delegate(prompt, task=args.task, system=args.system, max_tokens=args.max_tokens,
-                                 temperature=args.temperature)
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0 if result.success else EXIT_FAILED
-    return _stream(prompt, args)
+    conn = Connection(SOURCE)
+    try:
+        if args.json:
+            result = client.delegate_via(conn, prompt, task=args.task, system=args.system, max_tokens=args.max_tokens,
+                                         temperature=args.temperature)
+            print(json.dumps(result.to_dict(), indent=2))
+            return 0 if result.success else EXIT_FAILED
+        conn.check_alias(args.task)
+    except Unreachable:
+        return unreachable(conn)
+    except ValueError as e:  # a task the proxy serves no alias for
+        return fail(str(e))
+    return _stream(conn, prompt, args)
 
 
-def _stream(prompt: str, args: argparse.Namespace) -> int:
+def _stream(conn: Connection, prompt: str, args: argparse.Namespace) -> int:
     import openai
     from rich.console import Console
 
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
     err = Console(stderr=True)
-    c = openai.OpenAI(base_url=proxy_url() + "/v1", api_key=api_key(), max_retries=0)
+    c = conn.openai()
     start = time.perf_counter()
     status = err.status(f"asking {args.task}…") if err.is_terminal else None
     if status:
@@ -103,7 +101,7 @@ def _stream(prompt: str, args: argparse.Namespace) -> int:
                 sys.stdout.write(text)
                 sys.stdout.flush()
     except openai.APIConnectionError:
-        return unreachable()
+        return unreachable(conn)
     except openai.APIStatusError as e:
         body = e.body if isinstance(e.body, dict) else {}
         return fail(f"HTTP {e.status_code}: {body.get('message') or e}")
@@ -122,13 +120,13 @@ def _stream(prompt: str, args: argparse.Namespace) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
+    conn = Connection(SOURCE)
     try:
-        r = _get("/v1/models")
-    except httpx.HTTPError:
-        return unreachable()
-    except PermissionError as e:
+        data = conn.models(fresh=True)
+    except Unreachable:
+        return unreachable(conn)
+    except ProxyError as e:
         return fail(str(e))
-    data = r.json()["data"]
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -146,16 +144,17 @@ def models(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    facts: dict[str, Any] = {"proxy": proxy_url()}
+    conn = Connection(SOURCE)
+    facts: dict[str, Any] = {"proxy": conn.url}
     try:
-        facts["alive"] = httpx.get(proxy_url() + "/health/liveliness", timeout=3).status_code == 200
-        ready = httpx.get(proxy_url() + "/health/readiness", timeout=10)
+        facts["alive"] = conn.get("/health/liveliness", timeout=3).status_code == 200
+        ready = conn.get("/health/readiness")
         facts["ready"], facts["problems"] = ready.status_code == 200, ready.json().get("problems", [])
-        health = _get("/health")
+        health = conn.get("/health")
         facts["deployments"] = health.json()["deployments"] if health.status_code == 200 else []
-    except httpx.HTTPError:
+    except Unreachable:
         facts.update(alive=False, ready=False, problems=["the proxy is not running"], deployments=[])
-    except PermissionError as e:
+    except ProxyError as e:
         return fail(str(e))
     facts["store"] = _store_facts()
     if args.json:

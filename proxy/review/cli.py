@@ -11,17 +11,21 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from proxy.client.api import api_key, proxy_url
+from proxy.client.connection import Connection, ProxyError, unknown_alias
 from proxy.client.console import stdin_is_piped
 from proxy.review import diff
 from proxy.review import findings as review
+from proxy.review.repetition import looping_tail
 
 DEFAULT_CONTEXT = 2048  # when the proxy cannot tell: Ollama's default num_ctx, and our backend's
 PROMPT_OVERHEAD_TOKENS = 250
 EXIT_RUN_FAILED = 2
+SOURCE = "review"  # what usage rows say these requests came from
+CHECK_EVERY_CHARS = 64  # a streamed reply is checked for a loop each time it grows this much
 
 
 def git_diff(base: str | None, cwd: Path) -> str:
@@ -43,36 +47,67 @@ def read_diff(args: argparse.Namespace) -> str:
     return git_diff(args.base, Path.cwd())
 
 
-def served_context(alias: str) -> int:
+def served_context(conn: Connection, alias: str) -> int:
     try:
-        r = httpx.get(proxy_url() + "/v1/models", headers={"authorization": f"Bearer {api_key()}"}, timeout=10)
-    except httpx.HTTPError as e:
-        raise review.ReviewError(f"cannot reach the Delegate proxy at {proxy_url()}: start it with `make serve`") from e
-    if r.status_code == 401:
-        raise review.ReviewError("the proxy wants a key: set DELEGATE_API_KEY")
-    models = {m["id"]: m for m in r.json().get("data", [])}
-    if alias not in models:
-        raise review.ReviewError(f"the proxy has no {alias!r} alias")
-    return int(models[alias].get("context_length") or DEFAULT_CONTEXT)
+        models = {m["id"]: m for m in conn.models()}
+    except ProxyError as e:
+        raise review.ReviewError(str(e)) from e
+    entry = models.get(alias)
+    if entry is None or entry.get("kind", "alias") != "alias":  # a server that names no kinds is taken at its word
+        raise review.ReviewError(unknown_alias(alias, [m for m, v in models.items() if v.get("kind") == "alias"]))
+    return int(entry.get("context_length") or DEFAULT_CONTEXT)
 
 
-def asker(alias: str, max_tokens: int) -> review.Ask:
+def reply_tokens(requested: int, context: int) -> int:
+    """The longest reply to ask for: what was asked, but never more than half the context (the diff needs the
+    rest), since a reply held to the findings schema that loops inside a string runs until this limit."""
+    return max(16, min(requested, context // 2))
+
+
+def asker(conn: Connection, alias: str, max_tokens: int) -> review.Ask:
+    """Ask with the findings schema as response_format; a backend that refuses it (400 naming response_format) is
+    asked without it from then on. The reply streams, and stops being read once it loops."""
     import openai
 
-    c = openai.OpenAI(base_url=proxy_url() + "/v1", api_key=api_key(), max_retries=1)
+    c = conn.openai(max_retries=1)
+    schema = {"response_format": review.RESPONSE_FORMAT}
 
     def ask(messages: list[dict[str, str]]) -> str:
         try:
-            reply = c.chat.completions.create(model=alias, messages=messages, temperature=0,  # type: ignore[arg-type]
-                                              max_tokens=max_tokens)
+            stream = c.chat.completions.create(model=alias, messages=messages, temperature=0,  # type: ignore[call-overload]
+                                               max_tokens=max_tokens, stream=True, **schema)
+            return read_stream(stream)
         except openai.APIConnectionError as e:
-            raise review.ReviewError(f"cannot reach the Delegate proxy at {proxy_url()}: start it with `make serve`") from e
+            raise review.ReviewError(conn.unreachable_message()) from e
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {}
-            raise review.ReviewError(f"the proxy could not review (HTTP {e.status_code}): {body.get('message') or e}") from e
-        return reply.choices[0].message.content or ""
+            message = str(body.get("message") or e)
+            if schema and e.status_code == 400 and "response_format" in message:
+                schema.clear()
+                return ask(messages)
+            raise review.ReviewError(f"the proxy could not review (HTTP {e.status_code}): {message}") from e
+        except (openai.APIError, httpx.HTTPError) as e:
+            raise review.ReviewError(f"the reply broke off: {e}") from e
 
     return ask
+
+
+def read_stream(stream: Any) -> str:
+    """The text of a streamed reply, read until it ends or its tail starts looping (then the stream is closed)."""
+    parts: list[str] = []
+    size = checked = 0
+    for chunk in stream:
+        text = chunk.choices[0].delta.content if chunk.choices else None
+        if not text:
+            continue
+        parts.append(text)
+        size += len(text)
+        if size - checked >= CHECK_EVERY_CHARS:
+            checked = size
+            if looping_tail(joined := "".join(parts)) is not None:
+                stream.close()
+                return joined
+    return "".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
             why = ", ".join(f"{f.path} ({'binary' if f.binary else 'no added lines'})" for f in files)
             print(f"nothing to review: {why}", file=sys.stderr)
             return 0
-        context = served_context(args.task)
-        max_chars = max(500, (context - args.max_tokens - PROMPT_OVERHEAD_TOKENS) * review.CHARS_PER_TOKEN)
-        result = review.review(files, asker(args.task, args.max_tokens), max_chars, progress=_progress())
+        conn = Connection(SOURCE)
+        context = served_context(conn, args.task)
+        max_tokens = reply_tokens(args.max_tokens, context)
+        max_chars = max(500, (context - max_tokens - PROMPT_OVERHEAD_TOKENS) * review.CHARS_PER_TOKEN)
+        result = review.review(files, asker(conn, args.task, max_tokens), max_chars, progress=_progress())
     except review.ReviewError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUN_FAILED

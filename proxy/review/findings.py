@@ -1,11 +1,14 @@
 """Code review of a diff by the `review` alias: findings pinned to lines, as Markdown, JSON or SARIF.
 
 The diff is split by file and hunk into pieces that fit the served model's context. Each piece is sent
-with its new-side line numbers, asking for findings in one fixed JSON shape. What comes back is
-validated; a reply that is not valid JSON is repaired where that is safe (code fences, prose around the
-object, severity synonyms), asked for again once, and otherwise kept as a plain-text note: a reviewer
-never crashes on what a small model writes. Every finding is moved to a line that exists on the diff's
-new side. Client-side: no litellm here.
+with its new-side line numbers, asking for findings in one fixed JSON shape: in the prompt, and as a JSON
+schema in response_format (FINDINGS_SCHEMA), which a backend that supports it holds every token to. A
+backend that ignores it may still write anything, so what comes back is validated; a reply that is not valid
+JSON is repaired where that is safe (code fences, prose around the object, severity synonyms, the whole
+findings of an array cut off by max_tokens), asked for again once, and otherwise kept as a plain-text note: a
+reviewer never crashes on what a small model writes. A reply that degenerated into repetition
+(proxy/review/repetition.py) is not asked again: what it held before the loop is kept, with a note. Every
+finding is moved to a line that exists on the diff's new side, once. Client-side: no litellm here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from proxy.review.diff import FileDiff, Hunk
+from proxy.review.repetition import repetition
 
 SEVERITIES = ("high", "medium", "low")
 _SYNONYMS = {"critical": "high", "blocker": "high", "error": "high", "major": "medium", "warning": "medium",
@@ -27,7 +31,22 @@ SYSTEM = (
     '"message": "<what is wrong>", "suggestion": "<how to fix it>"}]}. '
     'Report real bugs, security problems and risky code; if there are none, reply {"findings": []}.'
 )
+FINDINGS_SCHEMA: dict[str, Any] = {  # the shape SYSTEM describes, in the subset strict json_schema allows
+    "type": "object",
+    "properties": {"findings": {"type": "array", "items": {
+        "type": "object",
+        "properties": {"severity": {"type": "string", "enum": list(SEVERITIES)}, "file": {"type": "string"},
+                       "line": {"type": "integer"}, "message": {"type": "string"}, "suggestion": {"type": "string"}},
+        "required": ["severity", "file", "line", "message", "suggestion"],
+        "additionalProperties": False,
+    }}},
+    "required": ["findings"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT: dict[str, Any] = {"type": "json_schema",
+                                   "json_schema": {"name": "findings", "schema": FINDINGS_SCHEMA, "strict": True}}
 RETRY = "That was not valid JSON in the required shape. Reply again with JSON only: {\"findings\": [...]}"
+_COMMA = re.compile(r"\s*,")
 CHARS_PER_TOKEN = 3  # conservative for code: a piece sized by this fits the context
 
 
@@ -124,9 +143,29 @@ def extract_json(reply: str) -> Any | None:
     return None
 
 
+def complete_items(reply: str) -> list[Any]:
+    """The whole values at the start of a findings array that was cut off (by max_tokens, or a loop stopped)."""
+    opened = re.search(r'"(?:findings|issues)"\s*:\s*\[|^\s*\[', reply)
+    if opened is None:
+        return []
+    decoder, items, at = json.JSONDecoder(), list[Any](), opened.end()
+    while True:
+        try:
+            item, at = decoder.raw_decode(reply, len(reply) - len(reply[at:].lstrip()))
+        except ValueError:
+            return items
+        items.append(item)
+        comma = _COMMA.match(reply, at)
+        if comma is None:
+            return items
+        at = comma.end()
+
+
 def parse_findings(reply: str, default_file: str) -> list[Finding] | None:
     """Findings from a reply, or None when it holds no usable JSON in the required shape."""
     data = extract_json(reply)
+    if data is None:
+        data = complete_items(reply) or None
     if isinstance(data, dict):
         data = data.get("findings", data.get("issues"))
     if not isinstance(data, list):
@@ -184,16 +223,28 @@ def review(files: list[FileDiff], ask: Ask, max_chars: int,
             progress(i, len(pieces), piece.path)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": piece.text()}]
         reply = ask(messages)
-        found = parse_findings(reply, piece.path)
-        if found is None:
+        found, looped = _read(reply, piece.path)
+        if found is None and looped is None:  # a loop would only loop again
             reply = ask([*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": RETRY}])
-            found = parse_findings(reply, piece.path)
-        if found is None:
+            found, looped = _read(reply, piece.path)
+        if looped is not None:
+            kept = "; the findings before it were kept" if found else ""
+            result.notes.append((piece.path, f"(the reply began repeating itself after {looped} characters and was "
+                                             f"dropped from there{kept}) {reply[:min(looped, 300)].strip()}"))
+        elif found is None:
             result.notes.append((piece.path, reply.strip()))
-            continue
-        result.findings.extend(pin(f, by_path, piece) for f in found)
-    result.findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.file, f.line))
+        result.findings.extend(pin(f, by_path, piece) for f in found or [])
+    unique = {(f.severity, f.file, f.line, f.message): f for f in result.findings}  # a loop may repeat a finding
+    result.findings = sorted(unique.values(), key=lambda f: (SEVERITIES.index(f.severity), f.file, f.line))
     return result
+
+
+def _read(reply: str, path: str) -> tuple[list[Finding] | None, int | None]:
+    """The findings in a reply, and where it degenerated into repetition (asked only of a reply that is not whole
+    JSON: a findings array repeats its keys by design)."""
+    found = parse_findings(reply, path)
+    looped = repetition(reply) if extract_json(reply) is None else None
+    return found, looped
 
 
 def worst(result: Review) -> str | None:

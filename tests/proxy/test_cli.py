@@ -77,6 +77,29 @@ def test_ask_json_reads_stdin(tmp_path: Path, fake_backend, start_proxy) -> None
     assert json.loads(only_stdin.stdout)["success"]
 
 
+def test_ask_serves_any_alias_the_proxy_has_and_names_them_for_an_unknown_one(tmp_path: Path, fake_backend,  # type: ignore[no-untyped-def]
+                                                                               start_proxy) -> None:
+    _, url = fake_backend("ok")
+    proxy = start_proxy(write_config(tmp_path / "c.yaml", [("summarize", "openai/ok", url), ("coding", "openai/ok", url)],
+                                     aliases=["summarize", "coding"]))
+    streamed = delegate("ask", "hi", "--task", "summarize", url=proxy.url)
+    assert streamed.returncode == 0 and streamed.stdout == "answer from ok\n", streamed.stderr
+    assert json.loads(delegate("ask", "hi", "--task", "summarize", "--json", url=proxy.url).stdout)["success"]
+    for extra in ([], ["--json"]):
+        unknown = delegate("ask", "hi", "--task", "poetry", *extra, url=proxy.url)
+        assert unknown.returncode == 1
+        assert unknown.stderr == "error: unknown task 'poetry'; the proxy's aliases are summarize, coding\n"
+
+
+def test_ask_and_review_name_their_source(repo: Path, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    backend, url = fake_backend("review", reply=FINDINGS)  # straight to an OpenAI-compatible server: no aliases listed
+    for args in (["ask", "hi", "--task", "review"], ["ask", "hi", "--task", "review", "--json"]):
+        assert delegate(*args, url=url).returncode == 0
+        assert backend.headers[-1]["x-delegate-source"] == "cli"
+    assert delegate("review", url=url, cwd=repo).returncode == 0
+    assert backend.headers[-1]["x-delegate-source"] == "review"
+
+
 def test_models_and_status(tmp_path: Path, fake_backend, start_proxy) -> None:  # type: ignore[no-untyped-def]
     _, url = fake_backend("ok")
     proxy = start_proxy(write_config(tmp_path / "c.yaml", [("coding", "openai/ok", url)]))
@@ -139,6 +162,34 @@ def test_review_clear_messages(repo: Path, tmp_path: Path, reviewer: str) -> Non
     assert down.returncode == 2 and "cannot reach the Delegate proxy" in down.stderr and down.stderr.count("\n") == 1
 
 
+def test_review_asks_for_the_findings_schema_through_the_proxy(repo: Path, tmp_path: Path, fake_backend,  # type: ignore[no-untyped-def]
+                                                                start_proxy) -> None:
+    from proxy.review.findings import RESPONSE_FORMAT
+
+    backend, url = fake_backend("reviewer", reply=FINDINGS)
+    proxy = start_proxy(write_config(tmp_path / "c.yaml", [("review", "openai/reviewer", url)]))
+    r = delegate("review", "--json", "--max-tokens", "100000", url=proxy.url, cwd=repo)
+    assert r.returncode == 0 and len(json.loads(r.stdout)["findings"]) == 2
+    sent = backend.requests[-1]
+    assert sent["response_format"] == RESPONSE_FORMAT and RESPONSE_FORMAT["json_schema"]["strict"] is True
+    import httpx
+
+    served = httpx.get(proxy.url + "/v1/models").json()["data"][0]["context_length"] or 2048
+    assert sent["stream"] is True and sent["max_tokens"] == served // 2  # the diff keeps the other half
+
+
+def test_review_stops_a_reply_that_repeats_itself(repo: Path, tmp_path: Path, fake_backend, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    finding = '{"severity":"high","file":"calc.py","line":2,"message":"division by zero","suggestion":"check b"}'
+    backend, url = fake_backend("looper", reply='{"findings":[' + ",".join([finding] * 30))
+    proxy = start_proxy(write_config(tmp_path / "c.yaml", [("review", "openai/looper", url)]))
+    r = delegate("review", "--json", url=proxy.url, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [f["message"] for f in out["findings"]] == ["division by zero"]  # kept once
+    assert "repeating itself" in out["notes"][0]["text"]
+    assert len(backend.requests) == 1  # a loop is not asked again
+
+
 def test_review_with_the_real_model_never_crashes(repo: Path, real_proxy: str) -> None:
     """Whatever the bundled model writes (JSON or not), the review completes with findings or notes."""
     r = delegate("review", "--max-tokens", "24", url=real_proxy, cwd=repo)
@@ -164,3 +215,23 @@ def test_keys_create_list_revoke(delegate_home: Path) -> None:
     assert again.returncode == 1 and again.stderr.startswith("error:")
     bad = keys("create", "--aliases", "coding,poetry")
     assert bad.returncode == 1 and "unknown alias poetry" in bad.stderr
+
+
+@pytest.mark.parametrize(("args", "refused"), [
+    (["list", "--budget", "5"], "unrecognized arguments: --budget 5"),  # each action takes only its own options
+    (["revoke", "--name", "x", "key_1"], "unrecognized arguments: --name"),
+    (["create", "key_1"], "unrecognized arguments: key_1"),
+    (["revoke"], "the following arguments are required: key_id"),
+    ([], "the following arguments are required: ACTION"),
+])
+def test_keys_actions_take_only_their_own_options(args: list[str], refused: str) -> None:
+    r = delegate("keys", *args)
+    assert r.returncode == 2 and refused in r.stderr
+
+
+def test_keys_help_lists_the_actions() -> None:
+    out = delegate("keys", "--help").stdout
+    assert all(action in out for action in ("create", "list", "revoke"))
+    create = delegate("keys", "create", "--help").stdout
+    assert "--budget" in create and "--expires-days" in create
+    assert "--budget" not in delegate("keys", "list", "--help").stdout

@@ -72,16 +72,41 @@ def test_backend_failure_is_a_result(tmp_path: Path, start_proxy, at) -> None:  
     assert not r.success and r.status_code == 503 and "HTTP 503" in (r.error or "")
 
 
-def test_retry_moves_to_the_next_task_only_when_the_chain_is_exhausted(tmp_path: Path, fake_backend, start_proxy,  # type: ignore[no-untyped-def]
-                                                                        at) -> None:
-    backend, url = fake_backend("quick-model")
+def test_retry_asks_the_same_alias_whose_chain_is_the_fallback(tmp_path: Path, fake_backend, start_proxy,  # type: ignore[no-untyped-def]
+                                                                at) -> None:
+    other, other_url = fake_backend("quick-model")
+    chained, chained_url = fake_backend("chained")
     dead = f"http://127.0.0.1:{refused_port()}/v1"
-    proxy = start_proxy(write_config(tmp_path / "c.yaml", [("coding", "openai/dead", dead), ("quick", "openai/q", url)],
-                                     aliases=["coding", "quick"]))
+    proxy = start_proxy(write_config(tmp_path / "c.yaml", [("coding", "openai/dead", dead), ("quick", "openai/q", other_url),
+                                                           ("review", "openai/dead", dead), ("next", "openai/c", chained_url)],
+                                     aliases=["coding", "quick", "review"], fallbacks={"review": ["next"]}))
     at(proxy.url)
     r = client.delegate_with_retry("hello", task="coding", max_retries=2, backoff_s=0.01)
-    assert r.success and r.task == "quick" and r.text == "answer from quick-model"
-    assert len(backend.requests) == 1
+    assert not r.success and r.task == "coding" and r.status_code in (429, 503)
+    assert other.requests == []  # no hop to another alias: config.yaml's chain decides
+    chain = client.delegate_with_retry("hello", task="review", max_retries=2, backoff_s=0.01)
+    assert chain.success and chain.task == "review" and chain.text == "answer from chained" and chain.fallbacks == 1
+
+
+def test_an_alias_added_to_config_is_served_and_an_unknown_one_names_the_proxys(tmp_path: Path, fake_backend,  # type: ignore[no-untyped-def]
+                                                                                 start_proxy, at) -> None:
+    backend, url = fake_backend("ok")
+    proxy = start_proxy(write_config(tmp_path / "c.yaml", [("summarize", "openai/ok", url), ("smollm2", "openai/ok", url)],
+                                     aliases=["summarize"]))
+    at(proxy.url)
+    assert client.delegate("hello", task="summarize").text == "answer from ok"
+    for task in ("coding", "smollm2"):  # a shipped alias this proxy lacks; a model, not a task alias
+        with pytest.raises(ValueError, match="the proxy's aliases are summarize"):
+            client.delegate("hello", task=task)
+        with pytest.raises(ValueError):
+            client.delegate_with_retry("hello", task=task, backoff_s=0.01)
+
+
+def test_requests_name_the_python_api_as_their_source(fake_backend, at) -> None:  # type: ignore[no-untyped-def]
+    backend, url = fake_backend("plain")  # an OpenAI-compatible server without aliases: the request decides
+    at(url)
+    assert client.delegate("hello", task="anything").success
+    assert backend.headers[-1]["x-delegate-source"] == "api"
 
 
 def test_client_errors_are_not_retried(tmp_path: Path, fake_backend, start_proxy, at) -> None:  # type: ignore[no-untyped-def]
@@ -92,12 +117,26 @@ def test_client_errors_are_not_retried(tmp_path: Path, fake_backend, start_proxy
     assert not r.success and r.status_code == 400 and len(backend.requests) == 1
 
 
-@pytest.mark.parametrize(("prompt", "task"), [("", "coding"), ("   ", "quick"), ("hi", "poetry"), ("hi", "Coding")])
-def test_programmer_errors_raise(prompt: str, task: str) -> None:
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_empty_prompt_raises(prompt: str, at) -> None:  # type: ignore[no-untyped-def]
+    at(f"http://127.0.0.1:{refused_port()}")
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        client.delegate(prompt, task="quick")
     with pytest.raises(ValueError):
-        client.delegate(prompt, task=task)
-    with pytest.raises(ValueError):
-        client.delegate_with_retry(prompt, task=task)
+        client.delegate_with_retry(prompt, task="quick")
+
+
+def test_an_unknown_task_raises_only_when_the_proxy_answered(tmp_path: Path, fake_backend, start_proxy, at) -> None:  # type: ignore[no-untyped-def]
+    _, url = fake_backend("ok")
+    proxy = start_proxy(write_config(tmp_path / "c.yaml", [("coding", "openai/ok", url), ("quick", "openai/ok", url)],
+                                     aliases=["coding", "quick"]))
+    at(proxy.url)
+    for task in ("poetry", "Coding"):
+        with pytest.raises(ValueError, match=f"unknown task '{task}'; the proxy's aliases are coding, quick"):
+            client.delegate("hi", task=task)
+    at(f"http://127.0.0.1:{refused_port()}")
+    down = client.delegate("hi", task="poetry")  # nobody to ask: a failed result, as any call to a dead proxy
+    assert not down.success and "cannot reach the Delegate proxy" in (down.error or "")
 
 
 def test_old_names_still_import() -> None:

@@ -14,8 +14,9 @@ import pytest
 
 from tests.servers import ROOT
 
-CLIENT_MODULES = ["proxy.client", "proxy.client.api", "proxy.client.cli", "proxy.client.console",
-                  "proxy.review.cli", "proxy.review.findings", "proxy.review.diff"]
+CLIENT_MODULES = ["proxy.client", "proxy.client.api", "proxy.client.cli", "proxy.client.connection",
+                  "proxy.client.console", "proxy.review.cli", "proxy.review.findings", "proxy.review.diff",
+                  "proxy.review.repetition"]
 SERVER_PACKAGES = ("litellm", "proxy.server", "proxy.routing", "uvicorn", "starlette")
 
 
@@ -35,6 +36,17 @@ def test_client_side_modules_import_no_server_code(module: str) -> None:
                                 or m.startswith(("proxy.server", "proxy.routing")))))
     """))
     assert loaded == [], f"{module} imports {loaded[:5]}"
+
+
+def test_the_mcp_server_imports_no_server_code() -> None:
+    """`delegate mcp` loads the `mcp` SDK, which brings starlette and uvicorn along, but never LiteLLM or our server."""
+    loaded = json.loads(_run("""
+        import json, sys
+        import proxy.client.mcp_server
+        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "litellm"
+                                or m.startswith(("proxy.server", "proxy.routing")))))
+    """))
+    assert loaded == [], f"proxy.client.mcp_server imports {loaded[:5]}"
 
 
 def test_the_python_api_keeps_its_names() -> None:

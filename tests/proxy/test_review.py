@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.review import diff
+from proxy.review import diff, repetition
 from proxy.review import findings as review
 
 DIFF = """diff --git a/app/util.py b/app/util.py
@@ -134,3 +134,99 @@ def test_sarif_and_fail_on() -> None:
     assert json.loads(review.to_json(result))["findings"][0]["severity"] == "high"
     low_only = review.review(files(), lambda m: '{"findings": [{"severity": "low", "line": 12, "message": "x"}]}', 10_000)
     assert not review.fails(low_only, "medium")
+
+
+FINDING = '{"severity":"high","file":"app/util.py","line":12,"message":"eval of file data","suggestion":"json.loads"}'
+
+
+@pytest.mark.parametrize("text", [
+    '{"findings":[' + ",".join([FINDING] * 12),  # one finding written until max_tokens
+    '{"findings":[{"severity":"high","file":"a.py","line":3,"message":"' + "the value is not checked " * 40,
+    "Here is the review.\n" + "\n".join(["The function does not check its input."] * 10) + "\nThat is all.",
+    "".join(f"{i}. The function does not check its input. " for i in range(1, 12)),  # a counter between copies
+    "!" * 300,
+])
+def test_degenerate_replies_are_recognised(text: str) -> None:
+    at = repetition.repetition(text)
+    assert at is not None and 0 < at < len(text) // 2
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"findings": [{"severity": "low", "file": "a.py", "line": n, "message": m, "suggestion": "fix it"}
+                             for n, m in enumerate(["unused import", "eval of input", "no timeout", "bare except"] * 3)]}),
+    "=" * 80 + "\nThe function divides by b without checking it.\n" + "=" * 80,
+    DIFF,
+    "The code looks fine. The tests cover it. The names are clear. Nothing to add.",
+    "",
+])
+def test_ordinary_replies_are_not_degenerate(text: str) -> None:
+    assert repetition.looping_tail(text) is None
+    if not text.startswith("{"):  # whole JSON repeats its keys by design: review._read never asks it of one
+        assert repetition.repetition(text) is None
+
+
+def test_a_findings_array_cut_off_keeps_its_whole_findings() -> None:
+    cut = '```json\n{"findings": [' + FINDING + ", " + FINDING.replace("12", "13") + ', {"severity": "lo'
+    found = review.parse_findings(cut, "app/util.py")
+    assert found is not None and [f.line for f in found] == [12, 13]
+    assert review.complete_items("no array here") == [] and review.parse_findings("[{", "x.py") is None
+
+
+def test_a_looping_reply_is_not_asked_again_and_its_findings_are_kept_once() -> None:
+    calls = []
+
+    def ask(messages: list[dict[str, str]]) -> str:
+        calls.append(messages)
+        return '{"findings":[' + ",".join([FINDING] * 12)
+
+    result = review.review(files(), ask, 10_000)
+    assert len(calls) == 1
+    assert [(f.line, f.message) for f in result.findings] == [(12, "eval of file data")]
+    assert len(result.notes) == 1 and "began repeating itself" in result.notes[0][1]
+
+
+def test_a_loop_with_nothing_before_it_is_dropped_with_a_note() -> None:
+    result = review.review(files(), lambda m: "I think that " * 100, 10_000)
+    assert result.findings == [] and len(result.notes) == 1
+    assert result.notes[0][1].startswith("(the reply began repeating itself after ")
+    assert len(result.notes[0][1]) < 400
+
+
+def test_the_findings_schema_is_strict_and_matches_the_prompt() -> None:
+    fmt = review.RESPONSE_FORMAT
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    schema = fmt["json_schema"]["schema"]
+    item = schema["properties"]["findings"]["items"]
+    assert set(item["required"]) == set(item["properties"]) == {"severity", "file", "line", "message", "suggestion"}
+    assert item["properties"]["severity"]["enum"] == list(review.SEVERITIES)
+    assert schema["additionalProperties"] is False and item["additionalProperties"] is False
+
+
+class _Stream:
+    """A stream that never ends, looping on one phrase; it counts what was read and whether it was closed."""
+
+    def __init__(self, first: str, loop: str) -> None:
+        self.first, self.loop, self.read, self.closed = first, loop, 0, False
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        from types import SimpleNamespace
+
+        def chunk(text: str) -> SimpleNamespace:
+            return SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(content=text))])
+
+        yield chunk(self.first)
+        while not self.closed:
+            self.read += 1
+            yield chunk(self.loop)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_looping_stream_stops_being_read() -> None:
+    from proxy.review.cli import read_stream
+
+    stream = _Stream('{"findings":[{"severity":"high","file":"a.py","line":3,"message":"', "and again ")
+    text = read_stream(stream)
+    assert stream.closed and stream.read < 60  # a few hundred characters, not max_tokens
+    assert repetition.looping_tail(text) is not None
