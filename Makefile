@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 4000
 CONFIG ?= config.yaml
 
-.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability bench-backend bench-scale bench-cli review
+.PHONY: install serve backend test check lint typecheck clean bench-proxy bench-reliability bench-backend bench-scale bench-cli bench-routing review
 
 install: $(STAMP)
 
@@ -87,6 +87,10 @@ bench-cli: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_scale.py
+
+# model="auto": accuracy and decision latency on bench/routing/eval.jsonl (bench/train_router.py retrains the model)
+bench-routing: $(STAMP)
+	$(BIN)/python bench/bench_routing.py
 
 bench-reliability: $(STAMP)
 	$(BIN)/python bench/bench_reliability.py
