@@ -47,6 +47,31 @@ class BackendSettings(BaseModel):
     start_timeout_s: float = Field(600, gt=0)
 
 
+# Claude Code sends its background work (titles, topic detection) and its Explore subagent to the haiku tier
+DEFAULT_TIERS = {"claude-haiku-*": "quick", "claude-3-5-haiku*": "quick"}
+
+
+class AnthropicSettings(BaseModel):
+    """Anthropic's Messages API (/v1/messages): the Claude models local aliases answer, and the way to Anthropic
+    for the rest (proxy/server/model_tiers.py, passthrough.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Claude model name (a shell glob, first match wins) -> alias; unset: DEFAULT_TIERS, where the alias exists
+    tiers: dict[str, str] | None = None
+    passthrough: bool = True  # a Claude model no tier maps goes to Anthropic as it came; off: 404
+    base_url: str = Field("https://api.anthropic.com", pattern=r"^https?://")
+    api_key: str | None = None  # for callers who send no Anthropic key of their own: os.environ/ANTHROPIC_API_KEY
+    timeout_s: float = Field(600, gt=0)
+
+
+class AutoSettings(BaseModel):
+    """`model="auto"` (proxy/routing/auto.py): the aliases it may choose; unset: every alias its classifier knows
+    except heavy (when that is two or more); empty: auto is off."""
+
+    model_config = ConfigDict(extra="forbid")
+    aliases: list[str] | None = None
+
+
 class DelegateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     aliases: dict[str, str] = Field(min_length=1)  # task alias -> what it is for
@@ -57,6 +82,8 @@ class DelegateSettings(BaseModel):
     request_timeout_s: float = Field(600, gt=0)  # whole request, fallbacks included
     header_timeout_s: float = Field(10, gt=0)  # a connection whose request headers take longer is closed
     backend: BackendSettings | None = Field(default_factory=lambda: BackendSettings())
+    anthropic: AnthropicSettings = Field(default_factory=lambda: AnthropicSettings())
+    auto: AutoSettings = Field(default_factory=lambda: AutoSettings())
 
 
 @dataclass
@@ -130,7 +157,11 @@ def load(path: str | Path) -> Settings:
     for alias in delegate.aliases:
         if alias not in groups:
             raise ConfigError(f"delegate.aliases.{alias}: no model_list entry has model_name {alias!r}")
+    for glob, alias in (delegate.anthropic.tiers or {}).items():
+        if alias not in groups:
+            raise ConfigError(f"delegate.anthropic.tiers.{glob}: no model_list entry has model_name {alias!r}")
     _check_fallbacks(router_settings, groups)
+    delegate.auto.aliases = _auto_aliases(delegate, groups)
     return Settings(path, model_list, router_settings, litellm_settings, delegate, groups)
 
 
@@ -210,3 +241,24 @@ def _check_fallbacks(router_settings: dict[str, Any], groups: list[str]) -> None
                         f"router_settings.{key}[{i}].{source}: falls back to {target!r}, which is not a model_name "
                         f"in model_list (known: {', '.join(groups)})"
                     )
+
+
+def _auto_aliases(delegate: DelegateSettings, groups: list[str]) -> list[str]:
+    """The aliases `model="auto"` chooses among: each one an alias here that the shipped classifier knows."""
+    from proxy.routing.auto import AUTO, labels  # the standard library and one JSON file
+
+    chosen = delegate.auto.aliases
+    if chosen is None:  # by default, on where it has a choice to make
+        found = [a for a in delegate.aliases if a in labels() and a != "heavy"]
+        return found if len(found) >= 2 and AUTO not in groups else []
+    if chosen and AUTO in groups:
+        raise ConfigError(f"delegate.auto: {AUTO!r} is a model_name in model_list; rename it, or set "
+                          "delegate.auto.aliases to [] to turn auto off")
+    for i, alias in enumerate(chosen):
+        if alias not in delegate.aliases:
+            raise ConfigError(f"delegate.auto.aliases[{i}]: {alias!r} is not one of delegate.aliases "
+                              f"({', '.join(delegate.aliases)})")
+        if alias not in labels():
+            raise ConfigError(f"delegate.auto.aliases[{i}]: the auto classifier cannot choose {alias!r}; it knows "
+                              f"{', '.join(labels())} (bench/train_router.py trains it)")
+    return list(dict.fromkeys(chosen))

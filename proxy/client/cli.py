@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     when = p.add_mutually_exclusive_group()
     when.add_argument("--days", type=int, default=7, help="the last N days (default 7; 0 for all time)")
     when.add_argument("--since", help="since a date, YYYY-MM-DD")
-    p.add_argument("--by", choices=["task", "model", "day", "key", "source"], default="task",
-                   help="breakdown (default task; source: api, cli, mcp, messages or review)")
+    p.add_argument("--by", choices=["task", "model", "day", "key", "source", "tier"], default="task",
+                   help="breakdown (default task; source: api, cli, mcp, messages or review; tier: the Claude "
+                        "model asked for, local or passed through)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.add_argument("--export-jsonl", metavar="FILE", help="write the rows in the old local-llm-usage.jsonl format")

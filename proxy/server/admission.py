@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
+from proxy.routing.auto import AUTO
 from proxy.server import validation
 from proxy.server.auth import Caller
 from proxy.server.errors import ProxyError
@@ -55,6 +56,18 @@ class Admission:
                 raise ProxyError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
             chunks.append(chunk)
         return caller, validation.parse_json(b"".join(chunks))
+
+    def resolve(self, caller: Caller, model: str, prompt: Any) -> str:
+        """The alias a request goes to: `model` itself, or for `auto` the one its classifier picks from the prompt,
+        among the aliases the caller's key may use (routing/auto.py)."""
+        if model != AUTO:
+            return model
+        may_use = caller.issued.aliases if caller.issued is not None else None
+        alias = self.proxy.auto.choose(prompt, may_use)
+        if alias is None:
+            raise ProxyError(403, f"'auto' chooses among {', '.join(self.proxy.auto.aliases)}; this key may use none of "
+                                  "them", type_="permission_error", code="alias_not_allowed", param="model")
+        return alias
 
     async def admit(self, caller: Caller, alias: str, body: dict[str, Any], prompt: Any) -> Hold | None:
         """An issued key's limits: its aliases, its request rate, and a reservation on its budget."""

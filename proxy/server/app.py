@@ -1,9 +1,9 @@
 """The proxy as one ASGI app: its parts, built once, and the routes of each endpoint family.
 
 A request travels: admission (admission.py: who asks, the body, the key's limits) -> its endpoint family
-(completions.py for OpenAI's; each API is one module) -> the Router with the alias's fallbacks
-(routing/router.py) -> a provider (LiteLLM's, or routing/tinygrad_provider.py) -> the answer, with
-headers saying who served it -> one usage row (usage/). A chain that failed answers through
+(completions.py for OpenAI's, messages.py for Anthropic's; each API is one module) -> the Router with the
+alias's fallbacks (routing/router.py) -> a provider (LiteLLM's, or routing/tinygrad_provider.py) -> the
+answer, with headers saying who served it -> one usage row (usage/). A chain that failed answers through
 failures.py. Starlette rather than FastAPI: every request is parsed and checked by hand anyway, for each
 API's own error shape, and the hot path stays short.
 """
@@ -24,14 +24,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy.routing.auto import AUTO, AutoRouter
 from proxy.routing.health_monitor import HealthMonitor
 from proxy.routing.router import Deployment, build_router, cool_down
 from proxy.routing.shared_state import SharedRateLimiter, redis_settings
+from proxy.server import anthropic_protocol
 from proxy.server.admission import Admission
 from proxy.server.auth import Auth
 from proxy.server.completions import Completions, count_cut_short
 from proxy.server.errors import ProxyError
 from proxy.server.health import Health
+from proxy.server.mcp_http import McpEndpoint
+from proxy.server.messages import Messages
 from proxy.server.models import Models
 from proxy.settings import Settings
 from proxy.usage.keys import KeyStore, RateLimiter
@@ -60,7 +64,8 @@ class Proxy:
         self.shared_rates = SharedRateLimiter(redis_conn) if redis_conn else None
         self.usage = usage
         self.health = HealthMonitor(self.deployments, partial(cool_down, self.router))
-        self.known = set(settings.groups)
+        self.auto = AutoRouter(settings.delegate.auto.aliases or [])  # model="auto"; off when it has no aliases
+        self.known = set(settings.groups) | ({AUTO} if self.auto.aliases else set())
         self.started = int(time.time())
         self.chain_ids = {g: [i for grp in settings.chain(g) for i, d in self.deployments.items() if d.group == grp]
                           for g in settings.groups}
@@ -107,12 +112,16 @@ async def _proxy_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-    return ProxyError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=kind).response()
+    error = ProxyError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=kind)
+    return anthropic_protocol.error_response(error) if anthropic_protocol.is_messages_path(request.url.path) \
+        else error.response()
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return ProxyError(500, "internal error in the proxy; see its log", type_="server_error").response()
+    error = ProxyError(500, "internal error in the proxy; see its log", type_="server_error")
+    return anthropic_protocol.error_response(error) if anthropic_protocol.is_messages_path(request.url.path) \
+        else error.response()
 
 
 def create_app(settings: Settings, master_key: str | None, store: UsageStore | None = None,
@@ -121,12 +130,20 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
     checking the config); built here otherwise."""
     proxy = Proxy(settings, master_key, store or UsageStore.open(), routing)
     completions, models, health = Completions(proxy), Models(proxy), Health(proxy)
+    messages = Messages(proxy)
+
+    async def list_models(request: Request) -> Response:
+        """Anthropic's list shape for a client that speaks Anthropic's API (Claude Code's model discovery)."""
+        if "anthropic-version" in request.headers:
+            return await messages.models(request)
+        return await models.list(request)
 
     async def check_key(request: Request) -> None:
         await proxy.auth.check_admin(request)
 
     spend = SpendAPI(proxy.store, check_key)
     savings = SavingsPage(proxy.store, settings.delegate.reference_model, proxy.auth)
+    mcp = McpEndpoint(proxy.auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -134,7 +151,8 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
         proxy.recorder.start()
         await proxy.health.start()
         try:
-            yield
+            async with mcp.running():  # the MCP SDK's session manager, for /mcp
+                yield
         finally:
             proxy.draining = True
             await proxy.health.stop()
@@ -143,6 +161,7 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
                 proxy.close_unfinished(trace, ConnectionAbortedError("the proxy shut down before the request finished"))
             await proxy.usage.drain()
             await proxy.recorder.stop()
+            await messages.aclose()
             if proxy.shared_rates is not None:
                 await proxy.shared_rates.close()
 
@@ -151,8 +170,10 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
         Route("/chat/completions", completions.chat, methods=["POST"]),
         Route("/v1/completions", completions.text, methods=["POST"]),
         Route("/completions", completions.text, methods=["POST"]),
-        Route("/v1/models", models.list, methods=["GET"]),
-        Route("/models", models.list, methods=["GET"]),
+        Route("/v1/messages", messages.create, methods=["POST"]),
+        Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/models", list_models, methods=["GET"]),
         Route("/health/liveliness", health.liveliness, methods=["GET"]),
         Route("/health/liveness", health.liveliness, methods=["GET"]),
         Route("/health/readiness", health.readiness, methods=["GET"]),
@@ -163,6 +184,7 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
         Route("/ui/data", savings.data, methods=["GET"]),
         Route("/ui/login", savings.login, methods=["POST"]),
         Route("/ui/logout", savings.logout, methods=["POST"]),
+        Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected})

@@ -48,6 +48,7 @@ class Completions:
         validation.check_messages(body)
         validation.check_common(body)
         validation.check_tools(body)
+        alias = p.admission.resolve(caller, alias, body["messages"])
         hold = await p.admission.admit(caller, alias, body, body["messages"])
         trace = p.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, p.recorder.record,
                               source=source_of(request.headers.get(SOURCE_HEADER)))
@@ -64,6 +65,7 @@ class Completions:
         alias = validation.check_model(body, p.known, p.settings.aliases)
         validation.check_prompt(body)
         validation.check_common(body)
+        alias = p.admission.resolve(caller, alias, body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"])
         hold = await p.admission.admit(caller, alias, body, body["prompt"])
         trace = p.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, p.recorder.record,
                               source=source_of(request.headers.get(SOURCE_HEADER)))

@@ -34,6 +34,10 @@ class Models:
                 "deployments": [d.model for d in p.deployments.values() if d.group == group],
                 "context_length": self.context_length(group),
             })
+        if p.auto.aliases:  # model="auto": no chain of its own, it hands each request to one of these
+            data.append({"id": "auto", "object": "model", "created": p.started, "owned_by": "delegate", "kind": "auto",
+                         "description": "picks one of its aliases from the request itself", "aliases": p.auto.aliases,
+                         "fallbacks": [], "deployments": [], "context_length": None})
         return json_response({"object": "list", "data": data})
 
     def context_length(self, group: str) -> int | None:

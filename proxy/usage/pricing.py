@@ -28,6 +28,20 @@ def token_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float:
     return float(prompt) + float(completion)
 
 
+def cloud_cost(model: str, prompt_tokens: int, completion_tokens: int, cache_creation_tokens: int,
+               cache_read_tokens: int) -> float:
+    """What Anthropic charges for a request it served: `prompt_tokens` counts every input token, cached or not;
+    those written to or read from the prompt cache are priced at their own rates."""
+    try:
+        prompt, completion = litellm.cost_per_token(model=model, prompt_tokens=prompt_tokens,
+                                                    completion_tokens=completion_tokens,
+                                                    cache_creation_input_tokens=cache_creation_tokens,
+                                                    cache_read_input_tokens=cache_read_tokens)
+    except Exception as e:
+        raise PricingError(f"LiteLLM's price table has no price for {model!r}") from e
+    return float(prompt) + float(completion)
+
+
 def check_reference_model(model: str) -> None:
     token_cost(model, 1, 1)
 

@@ -24,8 +24,8 @@ from typing import Any
 from proxy.routing.router import Deployment
 from proxy.settings import DelegateSettings
 from proxy.usage.keys import HOLD_RENEW_S, Hold, KeyStore
-from proxy.usage.pricing import costs
-from proxy.usage.store import UsageStore, delegate_home
+from proxy.usage.pricing import PricingError, cloud_cost, costs
+from proxy.usage.store import PASSTHROUGH, UsageStore, delegate_home
 from proxy.usage.trace import RequestTrace
 
 log = logging.getLogger("delegate")
@@ -53,11 +53,13 @@ class Recorder:
         chain = self.chains.get(trace.alias, [])
         # a stream cut short (by the client, the backend or a shutdown) delivered what it sent: that is priced too
         delivered = trace.status == "success" or trace.completion_tokens > 0
+        attempts = [{"deployment": a.deployment_id, "model": a.model, "ok": a.ok, "error_class": a.error_class}
+                    for a in trace.attempts]
+        if trace.cloud is not None:
+            return self._passed_through(trace, chain, attempts, delivered)
         price = costs(self.settings.reference_model, dep, trace.prompt_tokens, trace.completion_tokens, trace.generation_s,
                       delivered=delivered, usd_per_kwh=self.settings.electricity_usd_per_kwh,
                       default_watts=self.settings.default_power_watts)
-        attempts = [{"deployment": a.deployment_id, "model": a.model, "ok": a.ok, "error_class": a.error_class}
-                    for a in trace.attempts]
         if dep is not None and not any(a["ok"] for a in attempts):
             attempts.append({"deployment": dep.id, "model": dep.model, "ok": trace.status == "success", "error_class": None})
         timings = trace.backend_timings or {}
@@ -72,6 +74,36 @@ class Recorder:
             "generation_s": trace.generation_s, "error_class": trace.error_class, "error": trace.error,
             "key_id": trace.key_id, "source": trace.source, "reference_model": self.settings.reference_model,
             "reference_cost": price.reference, "local_cost": price.local, "saved": price.saved,
+            "requested_model": trace.requested_model, "cache_creation_tokens": None, "cache_read_tokens": None,
+        }
+
+    def _passed_through(self, trace: RequestTrace, chain: list[str], attempts: list[dict[str, Any]],
+                        delivered: bool) -> dict[str, Any]:
+        """A request Anthropic served (proxy/server/passthrough.py): Claude spend, priced from Anthropic's own usage
+        fields. Its reference cost is what it cost (nothing was saved); a tier's fallback counts every group of
+        the alias's chain as tried."""
+        cloud = trace.cloud
+        assert cloud is not None
+        model = f"anthropic/{cloud.model}"
+        try:
+            cost = cloud_cost(cloud.model, trace.prompt_tokens, trace.completion_tokens, cloud.cache_creation_tokens,
+                              cloud.cache_read_tokens) if delivered else 0.0
+        except PricingError:
+            cost = 0.0
+        return {
+            "request_id": trace.request_id, "created_at": trace.started_at, "alias": trace.alias,
+            "endpoint": trace.endpoint, "stream": trace.stream, "status": trace.status,
+            "served_by": PASSTHROUGH, "model": model, "backend": "anthropic", "device": None,
+            "attempts": [*attempts, {"deployment": PASSTHROUGH, "model": model, "ok": trace.status == "success",
+                                     "error_class": trace.error_class}],
+            "fallbacks": len(chain) if cloud.fallback else 0,
+            "prompt_tokens": trace.prompt_tokens, "completion_tokens": trace.completion_tokens,
+            "latency_s": trace.latency_s, "ttft_s": trace.ttft_s, "decode_tps": trace.decode_tps,
+            "generation_s": trace.latency_s, "error_class": trace.error_class, "error": trace.error,
+            "key_id": trace.key_id, "source": trace.source, "reference_model": cloud.model,
+            "reference_cost": cost, "local_cost": cost, "saved": 0.0,
+            "requested_model": trace.requested_model, "cache_creation_tokens": cloud.cache_creation_tokens,
+            "cache_read_tokens": cloud.cache_read_tokens,
         }
 
     async def record(self, trace: RequestTrace) -> None:

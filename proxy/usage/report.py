@@ -1,7 +1,10 @@
 """The savings report: "Claude would have cost $X, local cost $Y, saved Z%", from the usage rows.
 
 It carries what the old `llm_metrics.py --days 7` printed (calls, tokens in and out, average latency,
-the three money lines) plus success and fallback rates and a breakdown by task, model, day or key.
+the three money lines) plus success and fallback rates and a breakdown by task, model, day, key, source or Claude
+tier. Requests passed through to Anthropic (the Messages API) are Claude spend, counted apart from the delegated
+work: "Claude spend through Delegate $A; delegated work Claude would have cost $B, ran locally for $C; saved B-C,
+which is N% of A+B".
 Costs were priced when each row was written (proxy/usage/pricing.py), so this module only adds them up and
 must not import litellm: `delegate report` answers at once.
 """
@@ -11,13 +14,29 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-GROUPINGS = {"task": "alias", "model": "model", "day": "day", "key": "key_id", "source": "source"}
+from proxy.usage.store import PASSTHROUGH
+
+GROUPINGS = {"task": "alias", "model": "model", "day": "day", "key": "key_id", "source": "source",
+             "tier": "requested_model"}
+_TIER = re.compile(r"^claude-(?:[\d.-]+-)?(haiku|sonnet|opus)")
+
+
+def passed_through(row: dict[str, Any]) -> bool:
+    """A request Anthropic served (Claude spend through Delegate), not delegated work."""
+    return row.get("served_by") == PASSTHROUGH
+
+
+def tier(model: str | None) -> str:
+    """The Claude tier a Messages API request named (`claude-haiku-4-5` -> haiku); rows that named none say so."""
+    m = _TIER.match(model or "")
+    return m.group(1) if m else "(no Claude tier)"
 
 
 @dataclass
@@ -28,8 +47,10 @@ class Totals:
     tokens_in: int = 0
     tokens_out: int = 0
     latency_s: float = 0.0
-    reference_cost: float = 0.0
-    local_cost: float = 0.0
+    reference_cost: float = 0.0  # delegated work: what Claude would have charged for it
+    local_cost: float = 0.0  # delegated work: what it cost here
+    claude_calls: int = 0  # requests passed through to Anthropic (a Claude model, or a tier's fallback)
+    claude_spend: float = 0.0  # what they cost at Anthropic
     reference_models: set[str] = field(default_factory=set)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -39,6 +60,10 @@ class Totals:
         self.tokens_in += row["prompt_tokens"] or 0
         self.tokens_out += row["completion_tokens"] or 0
         self.latency_s += row["latency_s"] or 0.0
+        if passed_through(row):
+            self.claude_calls += 1
+            self.claude_spend += row["local_cost"] or 0.0
+            return
         self.reference_cost += row["reference_cost"] or 0.0
         self.local_cost += row["local_cost"] or 0.0
         self.reference_models.add(row["reference_model"])
@@ -50,6 +75,13 @@ class Totals:
     @property
     def saved_pct(self) -> float | None:
         return 100.0 * self.saved / self.reference_cost if self.reference_cost > 0 else None
+
+    @property
+    def saved_share_pct(self) -> float | None:
+        """What was saved as a share of all Claude spend, what passed through plus what the delegated work would
+        have cost: "saved B-C, which is N% of A+B"."""
+        whole = self.claude_spend + self.reference_cost
+        return 100.0 * self.saved / whole if whole > 0 else None
 
     @property
     def avg_latency_s(self) -> float | None:
@@ -65,7 +97,8 @@ class Totals:
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "reference_models"}
-        out.update(saved=self.saved, saved_pct=self.saved_pct, avg_latency_s=self.avg_latency_s,
+        out.update(saved=self.saved, saved_pct=self.saved_pct, saved_share_pct=self.saved_share_pct,
+                   avg_latency_s=self.avg_latency_s,
                    success_rate=self.success_rate, fallback_rate=self.fallback_rate,
                    reference_models=sorted(self.reference_models))
         return out
@@ -96,6 +129,8 @@ def _group_key(row: dict[str, Any], by: str) -> str:
         return "(none answered)"
     if by == "source" and value is None:
         return "api"  # rows written before sources were recorded came through the API
+    if by == "tier":
+        return tier(value)
     return str(value) if value is not None else "(none)"
 
 
@@ -144,22 +179,36 @@ def render_table(report: Report) -> str:
     console.print(f"   Avg latency: {t.avg_latency_s:.1f}s")
     console.print(f"   Success rate: {_pct(t.success_rate)}   Fallback rate: {_pct(t.fallback_rate)}")
     console.print()
-    console.print(f"💰 Savings estimate (reference: {reference})")
-    console.print(f"   Claude would cost: {money(t.reference_cost)}")
-    console.print(f"   Local cost: {money(t.local_cost)}")
-    saved_pct = f" ({t.saved_pct:.0f}%)" if t.saved_pct is not None else ""
-    console.print(f"   Saved: {money(t.saved)}{saved_pct}")
+    for line in money_lines(t, reference):
+        console.print(line)
     console.print()
+    spend = t.claude_calls > 0  # a column for what passed through, when anything did
     table = Table(title=f"By {report.by}", title_justify="left")
     for name in (report.by, "calls", "tokens in", "tokens out", "avg latency", "success", "fallback",
-                 "Claude would cost", "local cost", "saved"):
+                 *(["Claude spend"] if spend else []), "Claude would cost", "local cost", "saved"):
         table.add_column(name, justify="left" if name == report.by else "right")
     for key, g in report.groups.items():
         table.add_row(key, f"{g.calls:,}", f"{g.tokens_in:,}", f"{g.tokens_out:,}", f"{g.avg_latency_s:.1f}s",
-                      _pct(g.success_rate), _pct(g.fallback_rate), money(g.reference_cost), money(g.local_cost),
-                      money(g.saved))
+                      _pct(g.success_rate), _pct(g.fallback_rate), *([money(g.claude_spend)] if spend else []),
+                      money(g.reference_cost), money(g.local_cost), money(g.saved))
     console.print(table)
     return buf.getvalue()
+
+
+def money_lines(t: Totals, reference: str) -> list[str]:
+    """The money, in words. With Claude spend through Delegate (Anthropic's Messages API passed through): "Claude
+    spend through Delegate $A; delegated work Claude would have cost $B, ran locally for $C; saved B-C, which is
+    N% of A+B"."""
+    if not t.claude_calls:
+        saved_pct = f" ({t.saved_pct:.0f}%)" if t.saved_pct is not None else ""
+        return [f"💰 Savings estimate (reference: {reference})", f"   Claude would cost: {money(t.reference_cost)}",
+                f"   Local cost: {money(t.local_cost)}", f"   Saved: {money(t.saved)}{saved_pct}"]
+    share = f", which is {t.saved_share_pct:.0f}% of {money(t.claude_spend + t.reference_cost)}" \
+        if t.saved_share_pct is not None else ""
+    return [f"💰 Claude spend and savings (reference for delegated work: {reference or '-'})",
+            f"   Claude spend through Delegate: {money(t.claude_spend)} ({t.claude_calls:,} requests passed through)",
+            f"   Delegated work Claude would have cost: {money(t.reference_cost)}, ran locally for {money(t.local_cost)}",
+            f"   Saved: {money(t.saved)}{share}"]
 
 
 def render_json(report: Report) -> str:
@@ -169,7 +218,7 @@ def render_json(report: Report) -> str:
 def render_csv(report: Report) -> str:
     buf = io.StringIO()
     fields = ["group", "calls", "successes", "fell_back", "tokens_in", "tokens_out", "avg_latency_s", "success_rate",
-              "fallback_rate", "reference_cost", "local_cost", "saved", "saved_pct"]
+              "fallback_rate", "claude_spend", "reference_cost", "local_cost", "saved", "saved_pct", "saved_share_pct"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for key, g in [*report.groups.items(), ("TOTAL", report.total)]:

@@ -37,6 +37,7 @@ def page_data(rows: list[dict[str, Any]], days: int, reference_model: str, now: 
     since = datetime.fromtimestamp(now, UTC) - timedelta(days=days)
     by_task = report.build(rows, since, datetime.fromtimestamp(now, UTC), by="task")
     by_source = report.build(rows, since, datetime.fromtimestamp(now, UTC), by="source")
+    by_tier = report.build(rows, since, datetime.fromtimestamp(now, UTC), by="tier")
     by_day = report.build(rows, since, datetime.fromtimestamp(now, UTC), by="day").groups
     first = since.date() + timedelta(days=1)
     series = []
@@ -49,6 +50,7 @@ def page_data(rows: list[dict[str, Any]], days: int, reference_model: str, now: 
     return {"days": days, "reference_model": reference_model, "total": by_task.total.as_dict(),
             "by_task": {k: v.as_dict() for k, v in by_task.groups.items()}, "by_day": series,
             "by_source": {k: v.as_dict() for k, v in by_source.groups.items()},
+            "by_tier": {k: v.as_dict() for k, v in by_tier.groups.items()},
             "recent": [{k: r[k] for k in ("request_id", "created_at", "alias", "model", "status", "prompt_tokens",
                                           "completion_tokens", "latency_s", "saved")} for r in recent]}
 

@@ -1,7 +1,8 @@
 """LiteLLM-compatible spend endpoints, from our own store (no Postgres needed), plus what was saved.
 
 GET /spend/logs            rows in LiteLLM's SpendLogs shape, with our `saved` and `reference_cost`
-GET /global/spend/report   spend per day, grouped by api_key, model, task or day
+GET /global/spend/report   spend per day, grouped by api_key, model, task or Claude tier
+A request passed through to Anthropic (the Messages API) is spend too, and its `total_claude_spend`; it saved nothing.
 Both take the master key when one is set; without one, only clients on this machine and never an issued
 key (auth.py's check_admin).
 """
@@ -20,6 +21,7 @@ from starlette.responses import Response
 from proxy.server.errors import bad_request
 from proxy.server.responses import json_response
 from proxy.usage.keys import key_id
+from proxy.usage.report import passed_through, tier
 from proxy.usage.store import UsageStore
 
 
@@ -41,11 +43,14 @@ def _iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat() if t is not None else None
 
 
+CALL_TYPES = {"chat": "acompletion", "text": "atext_completion", "messages": "anthropic_messages"}
+
+
 def spend_log(row: dict[str, Any]) -> dict[str, Any]:
     start = row["created_at"]
     return {
         "request_id": row["request_id"],
-        "call_type": "acompletion" if row["endpoint"] == "chat" else "atext_completion",
+        "call_type": CALL_TYPES.get(row["endpoint"], "atext_completion"),
         "api_key": row["key_id"] or "",
         "spend": row["local_cost"],
         "total_tokens": row["prompt_tokens"] + row["completion_tokens"],
@@ -62,7 +67,11 @@ def spend_log(row: dict[str, Any]) -> dict[str, Any]:
         "user": "",
         "metadata": {"status": row["status"], "attempts": row["attempts"], "fallbacks": row["fallbacks"],
                      "error_class": row["error_class"], "error": row["error"], "stream": row["stream"],
-                     "decode_tps": row["decode_tps"], "device": row["device"], "source": row.get("source") or "api"},
+                     "decode_tps": row["decode_tps"], "device": row["device"], "source": row.get("source") or "api",
+                     # Anthropic's Messages API: the model asked for, and what Anthropic served and cached
+                     "requested_model": row.get("requested_model"), "passed_through": passed_through(row),
+                     "cache_creation_input_tokens": row.get("cache_creation_tokens"),
+                     "cache_read_input_tokens": row.get("cache_read_tokens")},
         "cache_hit": "False",
         "cache_key": "",
         "request_tags": [],
@@ -94,14 +103,16 @@ class SpendAPI:
         await self.check_key(request)
         q = request.query_params
         group_by = q.get("group_by") or "api_key"
-        field = {"api_key": "key_id", "model": "model", "task": "alias", "alias": "alias", "team": "alias"}.get(group_by)
+        field = {"api_key": "key_id", "model": "model", "task": "alias", "alias": "alias", "team": "alias",
+                 "tier": "requested_model"}.get(group_by)
         if field is None:
-            raise bad_request("'group_by' must be one of api_key, model, task", param="group_by")
+            raise bad_request("'group_by' must be one of api_key, model, task, tier", param="group_by")
         rows = await asyncio.to_thread(self.store.rows, since=parse_date(q.get("start_date"), "start_date"),
                                        until=parse_date(q.get("end_date"), "end_date", end=True))
         days: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
-            days[datetime.fromtimestamp(r["created_at"], UTC).strftime("%Y-%m-%d")][str(r[field] or "")].append(r)
+            name = tier(r[field]) if group_by == "tier" else str(r[field] or "")
+            days[datetime.fromtimestamp(r["created_at"], UTC).strftime("%Y-%m-%d")][name].append(r)
         out = []
         for day, groups in sorted(days.items()):
             entries = []
@@ -113,7 +124,8 @@ class SpendAPI:
                     m["saved"] += r["saved"]
                     m["total_tokens"] += r["prompt_tokens"] + r["completion_tokens"]
                 entries.append({group_by: name, "total_spend": sum(r["local_cost"] for r in members),
-                                "total_reference_cost": sum(r["reference_cost"] for r in members),
+                                "total_reference_cost": sum(r["reference_cost"] for r in members if not passed_through(r)),
+                                "total_claude_spend": sum(r["local_cost"] for r in members if passed_through(r)),
                                 "total_saved": sum(r["saved"] for r in members), "requests": len(members),
                                 "metadata": [{"model": k, **v} for k, v in sorted(per_model.items())]})
             out.append({"group_by_day": day, f"{group_by}s": entries})

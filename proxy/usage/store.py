@@ -27,7 +27,9 @@ COLUMNS = (
     "attempts", "fallbacks", "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "decode_tps",
     "generation_s", "error_class", "error", "key_id", "reference_model", "reference_cost", "local_cost", "saved",
     "source",  # m004
+    "requested_model", "cache_creation_tokens", "cache_read_tokens",  # m005
 )
+PASSTHROUGH = "anthropic"  # served_by of a request Anthropic served: passed through (proxy/server/passthrough.py)
 
 
 def delegate_home() -> Path:
@@ -114,7 +116,16 @@ def m004_source(db: Database) -> None:
     db.execute("ALTER TABLE usage ADD COLUMN source TEXT")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys, m003_holds, m004_source]
+def m005_messages(db: Database) -> None:
+    """Anthropic's Messages API: the model the client asked for (a Claude model, whose tier the report groups by,
+    or an alias), and for a request passed through to Anthropic the input tokens it wrote to and read from
+    Anthropic's prompt cache (counted in prompt_tokens too, priced at their own rates)."""
+    db.execute("ALTER TABLE usage ADD COLUMN requested_model TEXT")
+    db.execute("ALTER TABLE usage ADD COLUMN cache_creation_tokens INTEGER")
+    db.execute("ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys, m003_holds, m004_source, m005_messages]
 
 
 # --- the two databases -----------------------------------------------------------------------------------

@@ -36,6 +36,19 @@ class Attempt:
     exception: BaseException | None = field(default=None, repr=False)
 
 
+@dataclass
+class CloudUsage:
+    """A request passed through to Anthropic (proxy/server/passthrough.py): the model, and the usage Anthropic
+    itself reported. `fallback`: a tier's local chain could not answer, so the Claude model it named did."""
+
+    model: str
+    fallback: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cache_read_tokens: int = 0
+
+
 Sink = Callable[["RequestTrace"], Awaitable[None]]
 
 
@@ -63,6 +76,8 @@ class RequestTrace:
     hold: Hold | None = None  # budget held for an issued key until the real cost is known
     prompt: Any = field(default=None, repr=False)  # the messages or prompt, to estimate tokens if usage never comes
     litellm_cost: float | None = None  # LiteLLM's own price for the deployment that served (cloud)
+    cloud: CloudUsage | None = None  # passed through to Anthropic, not served by a deployment
+    requested_model: str | None = None  # the model the client named, on the Messages API (a Claude model or an alias)
     sink: Sink | None = field(default=None, repr=False)  # where the finished trace goes (the proxy's recorder)
     _success_seen: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -130,7 +145,8 @@ class UsageLogger(CustomLogger):
         task.add_done_callback(self._tasks.discard)
 
     async def _finish(self, trace: RequestTrace) -> None:
-        if trace.status == "success" and not trace._success_seen.is_set():
+        # a request passed through to Anthropic never went through LiteLLM: no event is coming
+        if trace.status == "success" and trace.cloud is None and not trace._success_seen.is_set():
             try:
                 await asyncio.wait_for(trace._success_seen.wait(), SUCCESS_EVENT_WAIT_S)
             except TimeoutError:

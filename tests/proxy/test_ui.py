@@ -170,13 +170,16 @@ def test_signing_in_on_the_page_in_a_real_browser(tmp_path: Path, keyed) -> None
         assert browser.js("document.getElementById('login-key').value") == ""  # the page keeps no copy of the key
         assert browser.js("document.cookie") == ""  # HttpOnly: no script on the page can read the session
         assert browser.js("location.href") == keyed.url + "/ui"  # nothing went into the address
-        browser.js("location.reload()")  # the session outlives the page
-        browser.wait_for("document.readyState === 'complete' && !document.getElementById('logout').hidden")
+        browser.js("window.reloaded = false; location.reload()")  # the session outlives the page
+        # the old page answers until the new one replaces it: wait for the new one (it has no `reloaded`)
+        browser.wait_for("window.reloaded === undefined && document.readyState === 'complete' && "
+                         "!document.getElementById('logout').hidden")
         assert browser.js("document.getElementById('login').hidden") is True
         browser.js("document.getElementById('logout').click()")
         browser.wait_for("!document.getElementById('login').hidden")
-        browser.js("location.reload()")
-        browser.wait_for("document.readyState === 'complete' && !document.getElementById('login').hidden")
+        browser.js("window.reloaded = false; location.reload()")
+        browser.wait_for("window.reloaded === undefined && document.readyState === 'complete' && "
+                         "!document.getElementById('login').hidden")
     finally:
         browser.close()
 

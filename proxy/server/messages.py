@@ -1,0 +1,420 @@
+"""Anthropic's Messages API: POST /v1/messages, POST /v1/messages/count_tokens, and the model list Claude Code
+reads (GET /v1/models with an `anthropic-version` header).
+
+A request travels: admission (admission.py: the key, from `x-api-key` or `Authorization: Bearer`; the body;
+the key's limits) -> this API's checks (anthropic_protocol.py) -> where its model goes (model_tiers.py):
+
+- a local alias (a tier such as `claude-haiku-*` -> `quick`, or an alias by name): LiteLLM's Anthropic ->
+  OpenAI adapter, the Router with the alias's fallbacks (`Router.acompletion`, as the OpenAI endpoints do), and
+  the answer back through the same adapter, streamed as Anthropic's events; headers say who served.
+- Anthropic (a Claude model no tier maps): passthrough.py relays the body and the stream's bytes unchanged.
+- a tier whose local chain cannot answer (every local deployment down or cooling down, the request longer than
+  any local context, or something the local models cannot take: anthropic_protocol.py's rules) goes to the
+  Claude model it asked for by passthrough, when a key is available, recorded as a fallback.
+
+Every request is one usage row (usage/); a passthrough row carries Anthropic's own usage (input, output, cache
+creation, cache read), priced from LiteLLM's table. Every error is in Anthropic's shape.
+
+Why not `Router.aanthropic_messages`: with LiteLLM 1.110.2 it serves a CustomLLM provider and follows the
+fallbacks for a whole answer, but its streaming path imports LiteLLM's proxy server (FastAPI), which is not
+installed here; the same adapter it uses is called directly instead, around the Router's `acompletion`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import litellm
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message
+
+from proxy.server import anthropic_protocol as protocol
+from proxy.server.auth import Caller, bearer
+from proxy.server.completions import TracedStream, close_backend, count_cut_short
+from proxy.server.errors import ProxyError
+from proxy.server.failures import chain_failure
+from proxy.server.model_tiers import Cloud, Local, ModelTiers, is_claude
+from proxy.server.passthrough import OwnKey, Passthrough, UsageTap, read_usage, relay, returned_headers
+from proxy.server.responses import json_response
+from proxy.usage.trace import CloudUsage, RequestTrace
+
+if TYPE_CHECKING:
+    from proxy.server.app import Proxy
+
+# what a failed local chain answered that a Claude model can take instead: nothing local could be reached or
+# all of it is cooling down, or the request is longer than every local context
+FALLBACK_CODES = ("backends_unreachable", "deployments_cooling_down", "context_length_exceeded")
+ANTHROPIC_KEY_PREFIX = "sk-ant-"
+
+
+class Signed:
+    """A request read for this API: `x-api-key` stands in for `Authorization: Bearer` when that is absent (the
+    Delegate key is whichever of the two the caller signed in with), and the body's bytes are kept as they came,
+    for a passthrough to send unchanged."""
+
+    def __init__(self, request: Request) -> None:
+        headers = request.scope["headers"]
+        self.key = request.headers.get("x-api-key")
+        self.token = bearer(request.headers.get("authorization"))
+        self.signed_with = self.token or self.key
+        scope = dict(request.scope)
+        if self.key is not None and not any(k == b"authorization" for k, _ in headers):
+            scope["headers"] = [*headers, (b"authorization", b"Bearer " + self.key.encode("latin-1"))]
+        self.chunks: list[bytes] = []
+        self.request = Request(scope, self._receive(request))
+
+    def _receive(self, request: Request) -> Any:
+        async def receive() -> Message:
+            message = await request.receive()
+            if message["type"] == "http.request":
+                self.chunks.append(message.get("body", b""))
+            return message
+        return receive
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @property
+    def target(self) -> str:
+        """The path and query as the client sent them (Claude Code adds `?beta=true`), for Anthropic."""
+        url = self.request.url
+        return url.path + (f"?{url.query}" if url.query else "")
+
+    def own_key(self, caller: Caller, proxy: Proxy) -> OwnKey | None:
+        """The caller's own Anthropic key, and the header it came in (`x-api-key`, or `authorization` as the
+        anthropic SDK sends its api_key): an Anthropic key (`sk-ant-...`) that is not the Delegate key the caller
+        signed in with. Nothing else a caller sends is ever forwarded to the cloud."""
+        delegate_key = caller.master or caller.issued is not None
+        for header, value in (("x-api-key", self.key), ("authorization", self.token)):
+            if not value or not value.startswith(ANTHROPIC_KEY_PREFIX) or proxy.auth.is_master(value):
+                continue
+            if value == self.signed_with and delegate_key:
+                continue
+            return OwnKey(header, value)
+        return None
+
+
+class Messages:
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.tiers = ModelTiers(proxy.settings)
+        self.passthrough = Passthrough(proxy.settings.delegate.anthropic)
+        self.claude_models = claude_models()
+
+    async def aclose(self) -> None:
+        await self.passthrough.aclose()
+
+    # --- POST /v1/messages ---------------------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        try:
+            return await self._create(Signed(request))
+        except ProxyError as e:
+            return protocol.error_response(e)
+
+    async def _create(self, signed: Signed) -> Response:
+        p = self.proxy
+        caller, body = await p.admission.read(signed.request)
+        model = protocol.check_model(body)
+        route = self._route(model)
+        own_key = signed.own_key(caller, p)
+        if isinstance(route, Cloud):  # as it came: Anthropic checks the rest of the body
+            self.passthrough.upstream(signed.request.headers, own_key, model)  # no key: refused before the hold
+            hold = await p.admission.admit(caller, model, body, _prompt(body))
+            trace = self._begin(model, body, caller)
+            trace.hold = hold
+            return await self._pass(signed, own_key, trace, model, fallback=False)
+        protocol.check_request(body)
+        protocol.check_generation(body)
+        refusal = protocol.local_refusal(body)
+        if refusal is not None and not (route.claude and self.passthrough.available(own_key)):
+            raise protocol.invalid(f"{refusal}, and '{route.alias}' is served locally"
+                                   + (": send an Anthropic key to have it go to Claude" if route.claude else ""))
+        hold = await p.admission.admit(caller, route.alias, body, _prompt(body))
+        trace = self._begin(route.alias, body, caller)
+        trace.hold = hold
+        if refusal is not None:
+            assert route.claude is not None
+            return await self._pass(signed, own_key, trace, route.claude, fallback=True)
+        return await self._local(signed, own_key, trace, route, body)
+
+    def _route(self, model: str) -> Local | Cloud:
+        route = self.tiers.route(model)
+        if route is None:
+            known = ", ".join(sorted(self.tiers.groups))
+            hint = " (passthrough to Anthropic is off: delegate.anthropic.passthrough)" if is_claude(model) else ""
+            raise ProxyError(404, f"model: {model!r} is not a model here{hint}; use a Claude model or one of: {known}",
+                             type_="not_found_error")
+        return route
+
+    def _begin(self, alias: str, body: dict[str, Any], caller: Caller) -> RequestTrace:
+        p = self.proxy
+        trace = p.usage.begin(alias, "messages", bool(body.get("stream")), caller.key_id, p.recorder.record,
+                              source="messages")
+        trace.requested_model = body["model"]
+        return trace
+
+    # --- served here ---------------------------------------------------------------------------------
+
+    async def _local(self, signed: Signed, own_key: OwnKey | None, trace: RequestTrace, route: Local,
+                     body: dict[str, Any]) -> Response:
+        p = self.proxy
+        kwargs, mapping = protocol.to_openai(body, None)
+        trace.prompt = kwargs.get("messages")
+        metadata: dict[str, Any] = {"delegate_request_id": trace.request_id}
+        if kwargs.get("user") is not None:
+            metadata["delegate_user"] = kwargs["user"]  # metadata.user_id, for providers LiteLLM would not hand it to
+        kwargs = {**kwargs, "model": route.alias, "metadata": metadata}
+        if trace.stream:
+            kwargs.update(stream=True, stream_options={"include_usage": True})
+        try:
+            async with asyncio.timeout(p.settings.delegate.request_timeout_s):
+                result = await p.router.acompletion(**kwargs)
+        except asyncio.CancelledError:
+            p.usage.end(trace, "cancelled", ConnectionAbortedError("the proxy shut down before the answer came"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the Router raised becomes an Anthropic error
+            if isinstance(exc, TimeoutError):
+                exc = litellm.Timeout("the request took longer than delegate.request_timeout_s", model=trace.alias,
+                                      llm_provider="delegate")
+            error = chain_failure(p, trace, exc)
+            tried = {p.deployments[a.deployment_id].group for a in trace.attempts if a.deployment_id in p.deployments}
+            if route.claude and error.code in FALLBACK_CODES and self.passthrough.available(own_key):
+                return await self._pass(signed, own_key, trace, route.claude, fallback=True, hops=len(tried))
+            p.usage.end(trace, "error", exc)
+            return protocol.error_response(error, p.served_headers(trace, None, max(len(tried) - 1, 0)))
+        dep, hops = p.served(getattr(result, "_hidden_params", None) or {}, trace.alias)
+        trace.served_by = dep.id if dep else None
+        headers = p.served_headers(trace, dep, hops)
+        served_model = dep.model if dep else trace.alias
+        if not trace.stream:
+            trace.first_token_at = trace.finished_at = time.perf_counter()
+            usage = getattr(result, "usage", None)
+            trace.prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            trace.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+            trace.backend_timings = (getattr(result, "_hidden_params", None) or {}).get("timings")
+            message = protocol.to_message(result, served_model, mapping)
+            p.usage.end(trace, "success")
+            return json_response(message, headers=headers)
+        events = self._events(trace, result, served_model, mapping)
+        return TracedStream(events, partial(self._stream_closed, trace, result, events),
+                            media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+
+    async def _stream_closed(self, trace: RequestTrace, stream: Any, body: AsyncGenerator[bytes, None]) -> None:
+        with contextlib.suppress(Exception):
+            await body.aclose()
+        if trace.status == "pending":  # the client left before the first event
+            self.proxy.close_unfinished(trace, ConnectionAbortedError("the client went away before the stream began"))
+            await close_backend(stream)
+
+    async def _tap(self, trace: RequestTrace, stream: Any) -> AsyncIterator[Any]:
+        """The Router's chunks on their way into the adapter: the real token counts and the backend's timings."""
+        async for chunk in stream:
+            usage = getattr(chunk, "usage", None)
+            if usage is not None:
+                trace.prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+                trace.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+            timings = getattr(chunk, "timings", None)
+            if timings:
+                trace.backend_timings = timings
+            yield chunk
+
+    async def _events(self, trace: RequestTrace, stream: Any, model: str,
+                      mapping: dict[str, str]) -> AsyncGenerator[bytes, None]:
+        """Anthropic's event sequence from an OpenAI-shaped stream, by LiteLLM's adapter: message_start,
+        content_block_start, ping, content_block_delta (text_delta / input_json_delta), content_block_stop,
+        message_delta (stop_reason, usage), message_stop."""
+        from litellm.llms.anthropic.messages.adapters.streaming_iterator import AnthropicStreamWrapper
+
+        status = "partial"
+        error: BaseException | None = None
+        pinged = False
+        try:
+            async for data in AnthropicStreamWrapper(completion_stream=self._tap(trace, stream),  # type: ignore[arg-type]
+                                                     model=model,
+                                                     tool_name_mapping=mapping):
+                if not isinstance(data, dict):
+                    continue
+                kind = data.get("type")
+                if kind == "message_start":
+                    data["message"]["id"] = protocol.message_id()
+                elif kind == "content_block_delta":
+                    trace.delivered += 1
+                    if trace.first_token_at is None:
+                        trace.first_token_at = time.perf_counter()
+                elif kind == "message_delta":
+                    data["delta"] = {"stop_sequence": None, **(data.get("delta") or {})}
+                    data["usage"] = {**protocol.usage_dict(trace.prompt_tokens, trace.completion_tokens),
+                                     **(data.get("usage") or {})}
+                if kind == "message_delta" and not pinged:  # an answer with no block still gets its ping
+                    yield protocol.PING
+                    pinged = True
+                yield protocol.event(data)
+                if kind == "content_block_start" and not pinged:
+                    yield protocol.PING
+                    pinged = True
+            status = "success"
+        except (asyncio.CancelledError, GeneratorExit):
+            error = ConnectionAbortedError("the client disconnected mid-stream")
+            raise
+        except Exception as exc:  # noqa: BLE001 - the answer died half-way: say so in Anthropic's error event
+            error = exc
+            yield protocol.stream_error(502, f"the backend failed mid-stream: {exc}".split("\n", 1)[0][:500])
+        finally:
+            trace.finished_at = time.perf_counter()
+            if status != "success":
+                count_cut_short(trace, model)
+            self.proxy.usage.end(trace, status, error)
+            await close_backend(stream)
+
+    # --- passed through to Anthropic -------------------------------------------------------------------
+
+    async def _pass(self, signed: Signed, own_key: OwnKey | None, trace: RequestTrace, model: str, fallback: bool,
+                    hops: int = 0) -> Response:
+        p = self.proxy
+        headers = {**p.served_headers(trace, None, hops), "x-delegate-served-by": f"anthropic/{model}"}
+        trace.cloud = CloudUsage(model, fallback=fallback)
+        try:
+            upstream = self.passthrough.upstream(signed.request.headers, own_key, model)
+            response = await self.passthrough.send(signed.target, signed.raw, upstream)
+        except ProxyError as e:
+            p.usage.end(trace, "error", e)
+            return protocol.error_response(e, headers)
+        headers = {**returned_headers(response.headers), **headers}
+        if response.status_code == 200 and response.headers.get("content-type", "").startswith("text/event-stream"):
+            tap = UsageTap(trace.cloud)
+            body = self._relay(trace, response, tap)
+            return TracedStream(body, partial(self._relay_closed, trace, response, body), status_code=200,
+                                headers={**headers, "Cache-Control": "no-cache"})
+        try:
+            data = await response.aread()
+        finally:
+            await response.aclose()
+        trace.first_token_at = trace.finished_at = time.perf_counter()
+        if response.status_code == 200:
+            with contextlib.suppress(ValueError, AttributeError):
+                read_usage(json.loads(data).get("usage"), trace.cloud)
+            self._cloud_tokens(trace)
+            p.usage.end(trace, "success")
+        else:
+            p.usage.end(trace, "error", _upstream_error(response.status_code, data))
+        return Response(data, status_code=response.status_code, headers=headers)
+
+    @staticmethod
+    def _cloud_tokens(trace: RequestTrace) -> None:
+        usage = trace.cloud
+        assert usage is not None
+        trace.prompt_tokens = usage.input_tokens + usage.cache_creation_tokens + usage.cache_read_tokens
+        trace.completion_tokens = usage.output_tokens
+
+    async def _relay(self, trace: RequestTrace, response: Any, tap: UsageTap) -> AsyncGenerator[bytes, None]:
+        status = "partial"
+        error: BaseException | None = None
+        try:
+            async for chunk in relay(response, tap, trace):
+                yield chunk
+            status = "success" if tap.error is None else "error"
+            error = RuntimeError(tap.error) if tap.error else None
+        except (asyncio.CancelledError, GeneratorExit):
+            error = ConnectionAbortedError("the client disconnected mid-stream")
+            raise
+        except Exception as exc:  # noqa: BLE001 - Anthropic's connection broke: the client's SDK sees the cut
+            error = exc
+            yield protocol.stream_error(502, f"the connection to Anthropic broke mid-stream: {type(exc).__name__}")
+        finally:
+            trace.finished_at = time.perf_counter()
+            trace.delivered = tap.text_events
+            self._cloud_tokens(trace)
+            if status == "partial":
+                trace.completion_tokens = max(trace.completion_tokens, trace.delivered)
+            self.proxy.usage.end(trace, status, error)
+
+    async def _relay_closed(self, trace: RequestTrace, response: Any, body: AsyncGenerator[bytes, None]) -> None:
+        with contextlib.suppress(Exception):
+            await body.aclose()
+        with contextlib.suppress(Exception):
+            await response.aclose()
+        if trace.status == "pending":
+            self.proxy.close_unfinished(trace, ConnectionAbortedError("the client went away before the stream began"))
+
+    # --- POST /v1/messages/count_tokens ----------------------------------------------------------------
+
+    async def count_tokens(self, request: Request) -> Response:
+        try:
+            return await self._count_tokens(Signed(request))
+        except ProxyError as e:
+            return protocol.error_response(e)
+
+    async def _count_tokens(self, signed: Signed) -> Response:
+        """Anthropic counts for a Claude model. A local model's count would have to come from its backend's own
+        tokenizer and chat template, and no backend here has a route for that: an error, never a guess (a count
+        of 0 would make Claude Code believe its context empty and never compact it)."""
+        p = self.proxy
+        caller, body = await p.admission.read(signed.request)
+        model = protocol.check_model(body)
+        route = self._route(model)
+        if isinstance(route, Local):
+            chain = ", ".join(d.model for i in p.chain_ids.get(route.alias, []) if (d := p.deployments.get(i)))
+            raise ProxyError(404, f"token counting is not available for {model!r}: it is served locally by "
+                                  f"'{route.alias}' ({chain}), and those backends have no token-count route",
+                             type_="not_found_error")
+        own_key = signed.own_key(caller, p)
+        upstream = self.passthrough.upstream(signed.request.headers, own_key, model)
+        response = await self.passthrough.send(signed.target, signed.raw, upstream)
+        try:
+            data = await response.aread()
+        finally:
+            await response.aclose()
+        return Response(data, status_code=response.status_code, headers=returned_headers(response.headers))
+
+    # --- GET /v1/models, as Anthropic lists them -------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        """The models a Messages API client can ask for, in Anthropic's list shape: the Claude models of LiteLLM's
+        price table (those a tier maps are answered here, the rest pass through when passthrough is on), then
+        the aliases. Claude Code's model discovery reads the ids starting with `claude`."""
+        try:
+            await self.proxy.auth.check(Signed(request).request)
+        except ProxyError as e:
+            return protocol.error_response(e)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.proxy.started))
+        data = []
+        for model in self.claude_models:
+            route = self.tiers.route(model)
+            if route is None:
+                continue
+            served = f"served by Delegate's '{route.alias}'" if isinstance(route, Local) else "Anthropic"
+            data.append({"type": "model", "id": model, "display_name": f"{model} ({served})", "created_at": created})
+        for alias in self.proxy.settings.aliases:
+            data.append({"type": "model", "id": alias, "display_name": f"Delegate alias {alias}", "created_at": created})
+        return json_response({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None})
+
+
+def claude_models() -> list[str]:
+    """Anthropic's own Claude model ids in LiteLLM's price table, newest names first."""
+    names = {name for name, info in litellm.model_cost.items()
+             if isinstance(info, dict) and info.get("litellm_provider") == "anthropic" and name.startswith("claude")
+             and info.get("mode", "chat") == "chat"}
+    return sorted(names, reverse=True)
+
+
+def _prompt(body: dict[str, Any]) -> Any:
+    """What admission sizes a budget hold by: the system prompt and the messages."""
+    return [body.get("system"), body.get("messages")]
+
+
+def _upstream_error(status: int, data: bytes) -> Exception:
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = data[:200].decode(errors="replace")
+    return RuntimeError(f"Anthropic answered {status}: {message}"[:500])
