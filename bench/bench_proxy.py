@@ -133,6 +133,8 @@ def main() -> int:
         ours_config["router_settings"] = {"num_retries": 0}
         ours_config["delegate"]["aliases"] = {"bench": "benchmark"}
         ours_config["delegate"]["backend"] = None
+        for extra in ("auto", "anthropic"):  # they name the shipped aliases
+            ours_config["delegate"].pop(extra, None)
         (tmp / "delegate.yaml").write_text(yaml.safe_dump(ours_config))
         env = {"DELEGATE_HOME": str(tmp / "home")}
         procs.append(start([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config",

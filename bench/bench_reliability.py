@@ -48,6 +48,8 @@ def config(tmp: Path, url: str) -> Path:
     raw["router_settings"] = {"num_retries": 0}
     raw["delegate"]["aliases"] = {"coding": "benchmark"}
     raw["delegate"]["backend"] = None
+    for extra in ("auto", "anthropic"):  # they name the shipped aliases
+        raw["delegate"].pop(extra, None)
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -168,6 +170,8 @@ def hostile_run(tmp: Path, count: int) -> dict[str, dict[str, object]]:
         raw["router_settings"] = {"num_retries": 0}
         raw["delegate"]["aliases"] = {"quick": "benchmark"}
         raw["delegate"]["backend"] = None
+        for extra in ("auto", "anthropic"):  # they name the shipped aliases
+            raw["delegate"].pop(extra, None)
         cfg = tmp / "hostile.yaml"
         cfg.write_text(yaml.safe_dump(raw))
         proc = serve(cfg, port, {"DELEGATE_HOME": str(tmp / "home-hostile")})

@@ -105,6 +105,8 @@ def main() -> int:
                                                             if with_redis else {})}
             raw["delegate"]["aliases"] = {"bench": "benchmark"}
             raw["delegate"]["backend"] = None
+            for extra in ("auto", "anthropic"):  # they name the shipped aliases
+                raw["delegate"].pop(extra, None)
             path = tmp / f"{name}.yaml"
             path.write_text(yaml.safe_dump(raw))
             return path

@@ -31,13 +31,14 @@ def refused_port() -> int:
 
 
 class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
+    """uvicorn serving `app` on <host>:<free port> (127.0.0.1 unless told) in a daemon thread; `http` is uvicorn's
+    protocol class, where a test needs another."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1", http: Any = "auto") -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=2, http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -53,6 +54,18 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(60)
+
+
+def wait_rows(n: int, timeout: float = 20) -> list[dict[str, Any]]:
+    """The usage store's rows once there are `n` of them (rows are written in the background), or what is there."""
+    from proxy.usage.store import UsageStore
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = UsageStore.open().rows()
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
 
 
 def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,), proc: subprocess.Popen[Any] | None = None) -> None:

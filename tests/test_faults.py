@@ -20,7 +20,7 @@ import pytest
 
 from proxy.usage.store import UsageStore
 from tests.conftest import write_config
-from tests.servers import ROOT, free_port, process, wait_http
+from tests.servers import ROOT, free_port, process, wait_http, wait_rows
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -31,13 +31,6 @@ def backend_process(mode: str = "ok", delay: float = 0.0, name: str = "fake") ->
     with process(["-m", "tests.fake_backend", "--port", str(port), "--mode", mode, "--delay", str(delay), "--name", name]) as p:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 30, proc=p)
         yield p, f"http://127.0.0.1:{port}/v1"
-
-
-def wait_rows(n: int, timeout: float = 20) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while len(rows := UsageStore.open().rows()) < n and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return rows
 
 
 def test_backend_killed_mid_stream(tmp_path: Path, start_proxy) -> None:  # type: ignore[no-untyped-def]

@@ -115,8 +115,11 @@ def prompt_messages(messages: list[dict[str, Any]], tools: Tools | None, native:
     """The messages as the template should see them. `native`: the template renders tools and tool calls itself
     (it gets arguments as objects, Hugging Face's convention); otherwise they are written in Hermes' markup."""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         calls = m.get("tool_calls") if m.get("role") == "assistant" else None
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise APIError(400, f"messages[{i}].tool_calls must be a list of tool calls, as the model returned them",
+                           param=f"messages[{i}].tool_calls")
         if native:
             out.append({**m, "tool_calls": [_native_call(c) for c in calls]} if calls else m)
         elif calls:

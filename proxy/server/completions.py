@@ -22,8 +22,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxy.server import validation
+from proxy.server.ask_router import ChainFailed, answered, ask, count_whole
 from proxy.server.errors import ProxyError
-from proxy.server.failures import chain_failure
 from proxy.server.responses import json_response, sse
 from proxy.server.shapes import chat_chunk, chat_dict, has_text, text_chunk, text_dict
 from proxy.usage.sources import HEADER as SOURCE_HEADER
@@ -90,33 +90,13 @@ class Completions:
                         to_dict: Any, to_chunk: Any) -> Response:
         p = self.proxy
         try:
-            async with asyncio.timeout(p.settings.delegate.request_timeout_s):  # no extra task, unlike wait_for
-                result = await call(**kwargs)
-        except ProxyError:
-            raise
-        except asyncio.CancelledError:
-            # shutdown's grace period ran out and uvicorn cancels what still runs: the row and the release of the
-            # budget hold must not go down with the task
-            p.usage.end(trace, "cancelled", ConnectionAbortedError("the proxy shut down before the answer came"))
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever the Router raised becomes an OpenAI error
-            if isinstance(exc, TimeoutError):
-                exc = litellm.Timeout("the request took longer than delegate.request_timeout_s", model=trace.alias,
-                                      llm_provider="delegate")
-            error = chain_failure(p, trace, exc)
-            p.usage.end(trace, "error", exc)
-            tried = {p.deployments[a.deployment_id].group for a in trace.attempts if a.deployment_id in p.deployments}
-            return error.response(p.served_headers(trace, None, max(len(tried) - 1, 0)))
-        dep, hops = p.served(getattr(result, "_hidden_params", None) or {}, trace.alias)
-        trace.served_by = dep.id if dep else None
-        headers = p.served_headers(trace, dep, hops)
-        served_model = dep.model if dep else trace.alias
+            result = await ask(p, trace, call, kwargs)
+        except ChainFailed as failed:
+            p.usage.end(trace, "error", failed.cause)
+            return failed.error.response(p.served_headers(trace, None, max(failed.groups_tried - 1, 0)))
+        _, headers, served_model = answered(p, trace, result)
         if not trace.stream:
-            trace.first_token_at = trace.finished_at = time.perf_counter()
-            usage = getattr(result, "usage", None)
-            trace.prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-            trace.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-            trace.backend_timings = (getattr(result, "_hidden_params", None) or {}).get("timings")
+            count_whole(trace, result)
             p.usage.end(trace, "success")
             return json_response(to_dict(result, served_model), headers=headers)
         body = self._stream(trace, result, include_usage, served_model, to_chunk)

@@ -36,10 +36,10 @@ from starlette.responses import Response
 from starlette.types import Message
 
 from proxy.server import anthropic_protocol as protocol
+from proxy.server.ask_router import ChainFailed, answered, ask, count_whole
 from proxy.server.auth import Caller, bearer
 from proxy.server.completions import TracedStream, close_backend, count_cut_short
 from proxy.server.errors import ProxyError
-from proxy.server.failures import chain_failure
 from proxy.server.model_tiers import Cloud, Local, ModelTiers, is_claude
 from proxy.server.passthrough import OwnKey, Passthrough, UsageTap, read_usage, relay, returned_headers
 from proxy.server.responses import json_response
@@ -176,31 +176,15 @@ class Messages:
         if trace.stream:
             kwargs.update(stream=True, stream_options={"include_usage": True})
         try:
-            async with asyncio.timeout(p.settings.delegate.request_timeout_s):
-                result = await p.router.acompletion(**kwargs)
-        except asyncio.CancelledError:
-            p.usage.end(trace, "cancelled", ConnectionAbortedError("the proxy shut down before the answer came"))
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever the Router raised becomes an Anthropic error
-            if isinstance(exc, TimeoutError):
-                exc = litellm.Timeout("the request took longer than delegate.request_timeout_s", model=trace.alias,
-                                      llm_provider="delegate")
-            error = chain_failure(p, trace, exc)
-            tried = {p.deployments[a.deployment_id].group for a in trace.attempts if a.deployment_id in p.deployments}
-            if route.claude and error.code in FALLBACK_CODES and self.passthrough.available(own_key):
-                return await self._pass(signed, own_key, trace, route.claude, fallback=True, hops=len(tried))
-            p.usage.end(trace, "error", exc)
-            return protocol.error_response(error, p.served_headers(trace, None, max(len(tried) - 1, 0)))
-        dep, hops = p.served(getattr(result, "_hidden_params", None) or {}, trace.alias)
-        trace.served_by = dep.id if dep else None
-        headers = p.served_headers(trace, dep, hops)
-        served_model = dep.model if dep else trace.alias
+            result = await ask(p, trace, p.router.acompletion, kwargs)
+        except ChainFailed as failed:
+            if route.claude and failed.error.code in FALLBACK_CODES and self.passthrough.available(own_key):
+                return await self._pass(signed, own_key, trace, route.claude, fallback=True, hops=failed.groups_tried)
+            p.usage.end(trace, "error", failed.cause)
+            return protocol.error_response(failed.error, p.served_headers(trace, None, max(failed.groups_tried - 1, 0)))
+        _, headers, served_model = answered(p, trace, result)
         if not trace.stream:
-            trace.first_token_at = trace.finished_at = time.perf_counter()
-            usage = getattr(result, "usage", None)
-            trace.prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-            trace.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-            trace.backend_timings = (getattr(result, "_hidden_params", None) or {}).get("timings")
+            count_whole(trace, result)
             message = protocol.to_message(result, served_model, mapping)
             p.usage.end(trace, "success")
             return json_response(message, headers=headers)

@@ -187,6 +187,10 @@ def check_messages(body: dict[str, Any]) -> None:
             raise bad_request(f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
         if role == "tool" and not isinstance(m.get("tool_call_id"), str):
             raise bad_request(f"{where}.tool_call_id is required for a tool message", param=f"{where}.tool_call_id")
+        calls = m.get("tool_calls")
+        if calls is not None and not (role == "assistant" and isinstance(calls, list) and all(_is_tool_call(c) for c in calls)):
+            raise bad_request(f"{where}.tool_calls must be an assistant's list of {{\"id\": ..., \"type\": \"function\", "
+                              f"\"function\": {{\"name\": ..., \"arguments\": \"<JSON text>\"}}}}", param=f"{where}.tool_calls")
 
 
 def check_tools(body: dict[str, Any]) -> None:
@@ -209,7 +213,17 @@ def check_tools(body: dict[str, Any]) -> None:
                           param="tool_choice")
 
 
+def _is_tool_call(call: Any) -> bool:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), str) \
+        and isinstance(call.get("id", ""), str)
+
+
 def check_prompt(body: dict[str, Any]) -> None:
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            raise bad_request(f"'{name}' is for chat completions (/v1/chat/completions), not legacy completions",
+                              param=name)
     prompt = body.get("prompt")
     if prompt is None:
         raise bad_request("'prompt' is required", param="prompt")

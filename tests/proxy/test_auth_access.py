@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from proxy import settings as settings_module
 from proxy.server.app import create_app
@@ -24,7 +23,7 @@ from proxy.usage.keys import KeyStore
 from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.proxy.test_report import row
-from tests.servers import free_port
+from tests.servers import ServerThread
 
 MSG = [{"role": "user", "content": "hello"}]
 MASTER = "sk-master-access-0123456789"
@@ -98,21 +97,11 @@ def test_without_a_master_key_admin_endpoints_are_loopback_only(config: Path, tm
     if not address or address.startswith("127."):
         pytest.skip("this machine has no non-loopback IPv4 address to ask from")
     app = create_app(settings_module.load(config), None, UsageStore.open(f"sqlite:///{tmp_path / 'u.db'}"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="0.0.0.0", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    try:
+    with ServerThread(app, host="0.0.0.0") as server:
         for path in ADMIN:
-            r = httpx.get(f"http://{address}:{port}{path}", headers={"host": f"127.0.0.1:{port}"})
+            r = httpx.get(f"http://{address}:{server.port}{path}", headers={"host": f"127.0.0.1:{server.port}"})
             assert "loopback" in error(r, 403, "forbidden")
-            assert httpx.get(f"http://127.0.0.1:{port}{path}").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
+            assert httpx.get(f"{server.url}{path}").status_code == 200
 
 
 def test_health_hides_backend_addresses_from_issued_keys(config: Path, start_proxy) -> None:  # type: ignore[no-untyped-def]

@@ -20,21 +20,13 @@ import pytest
 from proxy.usage.store import UsageStore
 from tests.conftest import write_config
 from tests.fake_anthropic import USAGE, FakeAnthropic
-from tests.servers import ServerThread, refused_port
+from tests.servers import ServerThread, refused_port, wait_rows
 
 HAIKU = "claude-haiku-4-5"
 SONNET = "claude-sonnet-4-5"
 CLAUDE_KEY = "sk-ant-test"
 MASTER = "sk-master-test"
 
-
-def wait_rows(n: int, timeout: float = 20) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = UsageStore.open().rows()
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import litellm
 import pytest
 
 from proxy.routing.tinygrad_provider import provider
-from tests.servers import ServerThread, refused_port
-from tests.tinygrad_backend.tiny_gguf import write_tiny
+from tests.servers import refused_port
+from tests.tinygrad_backend.loading_backend import loading_backend as loading_app
 
 litellm.custom_provider_map = [{"provider": "tinygrad", "custom_handler": provider}]
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -41,26 +40,8 @@ def call(api_base: str, messages=QUESTION, stream: bool = False, timeout: float 
 @pytest.fixture
 def loading_backend(tmp_path: Path) -> Iterator[str]:
     """The real backend app whose model never finishes loading."""
-    from tinygrad_backend.chat_template import ChatTemplate
-    from tinygrad_backend.engine import Engine
-    from tinygrad_backend.gguf_file import read_header
-    from tinygrad_backend.server import create_app
-    from tinygrad_backend.service import Backend
-    from tinygrad_backend.tokenizer import GGUFTokenizer
-
-    header = read_header(write_tiny(tmp_path / "tiny.gguf"))
-    release = threading.Event()
-
-    def load():  # type: ignore[no-untyped-def]
-        release.wait()
-        raise RuntimeError("test over")
-
-    engine = Engine(load, on_fatal=lambda e: None)
-    engine.start()
-    app = create_app(Backend("smollm2", header, GGUFTokenizer(header.metadata), ChatTemplate(None), engine, 64))
-    with ServerThread(app) as server:
-        yield server.url
-    release.set()
+    with loading_app(tmp_path) as url:
+        yield url
 
 
 def test_answer_usage_and_timings(bundled_backend: str) -> None:

@@ -20,20 +20,12 @@ import pytest
 from proxy.usage import report
 from proxy.usage.store import UsageStore
 from tests.conftest import write_config
-from tests.servers import refused_port
+from tests.servers import refused_port, wait_rows
 
 BIG = [{"role": "user", "content": "x" * 40_000}]  # 10,000 prompt tokens at the fake's 4 characters a token
 WATTS, KWH = 100, 0.30
 REFERENCE = "claude-sonnet-4-5"
 
-
-def wait_rows(n: int, timeout: float = 20) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = UsageStore.open().rows()
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -36,3 +36,19 @@ def test_out_of_range_is_400_naming_the_field(proxy_url: str, field: str, value:
 def test_the_edges_are_accepted(proxy_url: str, field: str, value: Any) -> None:
     r = httpx.post(proxy_url + "/v1/chat/completions", json={"model": "quick", "messages": MSG, field: value})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": -17}], "model": "quick"},
+     "messages[0].tool_calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": []}], "model": "quick"},
+     "messages[0].tool_calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 1}}]}],
+                              "model": "quick"}, "messages[0].tool_calls"),
+    ("/v1/completions", {"prompt": "x", "tools": 5.2, "model": "quick"}, "tools"),
+])
+def test_tool_fields_of_the_wrong_shape_are_400(proxy_url: str, path: str, body: dict[str, Any], param: str) -> None:
+    """Found by bench-reliability's hostile bodies: these reached LiteLLM and came back as a 503."""
+    r = httpx.post(proxy_url + path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

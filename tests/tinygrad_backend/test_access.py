@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import ollama
 import openai
 import pytest
 
-from tests.servers import ROOT, ServerThread, free_port
-from tests.tinygrad_backend.tiny_gguf import write_tiny
+from tests.servers import ROOT, free_port
+from tests.tinygrad_backend.loading_backend import loading_backend
 from tinygrad_backend.access import host_name, is_loopback_host
 
 KEY = "sk-backend-test"
@@ -29,27 +28,8 @@ CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "ma
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[str]:
-    from tinygrad_backend.chat_template import ChatTemplate
-    from tinygrad_backend.engine import Engine
-    from tinygrad_backend.gguf_file import read_header
-    from tinygrad_backend.server import create_app
-    from tinygrad_backend.service import Backend
-    from tinygrad_backend.tokenizer import GGUFTokenizer
-
-    header = read_header(write_tiny(tmp_path / "tiny.gguf"))
-    release = threading.Event()
-
-    def load():  # type: ignore[no-untyped-def]
-        release.wait()
-        raise RuntimeError("test over")
-
-    engine = Engine(load, on_fatal=lambda e: None)
-    engine.start()
-    app = create_app(Backend("smollm2", header, GGUFTokenizer(header.metadata), ChatTemplate(None), engine, 64),
-                     api_key=KEY, loopback_only_hosts=True, max_body_bytes=4096)
-    with ServerThread(app) as server:
-        yield server.url
-    release.set()
+    with loading_backend(tmp_path, api_key=KEY, loopback_only_hosts=True, max_body_bytes=4096) as url:
+        yield url
 
 
 def test_the_key_is_required_except_for_health(backend: str) -> None:

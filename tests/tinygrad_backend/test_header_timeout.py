@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, ServerThread
 from tinygrad_backend import header_timeout
 
 
@@ -38,16 +37,9 @@ def test_half_a_request_is_closed() -> None:
     async def ok(request):  # type: ignore[no-untyped-def]
         return PlainTextResponse("ok")
 
-    port = free_port()
     app = Starlette(routes=[Route("/health", ok)])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           http=header_timeout.with_header_timeout(0.5)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    try:
+    with ServerThread(app, http=header_timeout.with_header_timeout(0.5)) as server:
+        port = server.port
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert conn.recv(4096).startswith(b"HTTP/1.1 200")
@@ -58,6 +50,3 @@ def test_half_a_request_is_closed() -> None:
             while conn.recv(4096):
                 pass
             assert time.monotonic() - start < 2.5
-    finally:
-        server.should_exit = True
-        thread.join(30)

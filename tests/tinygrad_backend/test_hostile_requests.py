@@ -74,6 +74,7 @@ def test_sampling_options_are_range_checked(bundled_backend: str, path: str, bod
     (b'{"messages": [{"role": "user", "content": "a lone \\udfff half"}], "max_tokens": 1, "stream": false}', 200),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": NaN}', 400),
     (b"\xff\xfe not utf-8", 400),
+    (b'{"messages": [{"role": "assistant", "content": "hi", "tool_calls": -17}], "max_tokens": 1, "stream": false}', 400),
 ])
 def test_bodies_that_once_were_500s(bundled_backend: str, path: str, raw: bytes, status: int) -> None:
     if path == "/api/chat" and b'"model"' not in raw:
