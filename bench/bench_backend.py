@@ -32,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.constrained_decoding import constrained_decoding, render_constrained  # noqa: E402
+from bench.host_timing import KernelClock, python_loop_ms  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from tests.servers import free_port, wait_http  # noqa: E402
 from tinygrad_backend.cli import resolve_model  # noqa: E402
@@ -62,54 +64,6 @@ def llamacpp(model: Path, *args: str) -> object:
     out = subprocess.run([str(LLAMA_ENV / "bin" / "python"), "bench/llamacpp_runner.py", str(model), str(THREADS), *args],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def python_loop_ms() -> float:
-    """A fixed pure-Python workload (best of 5): the host's Python speed, which these hosts differ in 3x."""
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        total = 0
-        for i in range(1_000_000):
-            total += i % 7
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
-
-
-class KernelClock:
-    """Time during which at least one of tinygrad's CPU kernels runs, from its CPU queue's own calls (the CPU
-    device only): a decode step's wall time minus this is the host's share of it. Installed before the model
-    is built (a captured JIT keeps the queue's method it captured), and timing only while `on`."""
-
-    def __init__(self) -> None:
-        import threading
-
-        from tinygrad.runtime import ops_cpu
-
-        self.spans: list[tuple[float, float]] = []
-        self.on = False
-        lock = threading.Lock()
-        run = ops_cpu.CPUComputeQueue._exec
-
-        def timed(queue, tid, prg, bufs, *args):  # type: ignore[no-untyped-def]
-            if not self.on:
-                return run(queue, tid, prg, bufs, *args)
-            start = time.perf_counter()
-            run(queue, tid, prg, bufs, *args)
-            end = time.perf_counter()
-            with lock:
-                self.spans.append((start, end))
-
-        ops_cpu.CPUComputeQueue._exec = timed  # type: ignore[method-assign]
-
-    def busy(self) -> float:
-        """Seconds covered by the spans recorded since the last call (their union: threads overlap)."""
-        spans, self.spans = sorted(self.spans), []
-        total, end = 0.0, float("-inf")
-        for s, e in spans:
-            total += max(0.0, e - max(s, end))
-            end = max(end, e)
-        return total
 
 
 def machine_bandwidth_gbs() -> float:
@@ -204,122 +158,6 @@ def agreement(model_path: Path, weights: str) -> tuple[int, int]:
     return agree, total
 
 
-# --- constrained decoding, in process ----------------------------------------------------------------------
-
-CONSTRAINED_TOKENS = 128
-
-
-def constrained_decoding(model_path: Path, weights: str) -> dict[str, float]:
-    """Greedy decode tokens/s held to a JSON schema against free, on the same model and prompt; llguidance's mask
-    time per token (on its worker, overlapping the forward pass) and schema compile time; and the share of answers
-    over tests/tinygrad_backend/test_structured.py's schema set that parse and validate."""
-    import jsonschema
-
-    from tests.tinygrad_backend.test_structured import SCHEMAS
-    from tinygrad_backend.constraints import Grammars
-    from tinygrad_backend.gguf_file import read_header
-    from tinygrad_backend.model import Model
-    from tinygrad_backend.sampling import SamplingParams, pick_token
-    from tinygrad_backend.tokenizer import GGUFTokenizer
-
-    header = read_header(model_path)
-    tok = GGUFTokenizer(header.metadata)
-    model = Model(header, 2048, progress=lambda s: None, weights=weights)
-    model.warm_up(progress=lambda s: None)
-    grammars = Grammars(tok)
-    start = time.perf_counter()
-    grammars.json_schema(None)  # the first compile also builds llguidance's tokenizer from the vocabulary
-    result: dict[str, float] = {"grammar_tokenizer_s": time.perf_counter() - start}
-    compiles = []
-    for schema in list(SCHEMAS.values()) * 5:
-        start = time.perf_counter()
-        grammars.json_schema(schema)
-        compiles.append(time.perf_counter() - start)
-    result["compile_ms"] = statistics.median(compiles) * 1000
-    result["compile_max_ms"] = max(compiles) * 1000
-    prompt = tok.encode(chat_prompt("Describe three people as JSON: their names, ages, pets and cities."))
-    schema = {"type": "array", "items": SCHEMAS["nested object"]}  # long enough for the whole run
-    greedy = SamplingParams(temperature=0)
-    rng = np.random.default_rng(0)
-
-    def run(constrained: bool) -> tuple[float, float, int]:
-        model.forget()
-        seq = list(prompt)
-        constraint = grammars.json_schema(schema) if constrained else None
-        if constraint is not None:
-            constraint.prepare()
-        logits = model.next_logits(seq)
-        start, masked = time.perf_counter(), 0
-        for _ in range(CONSTRAINED_TOKENS):
-            allowed = constraint.allowed() if constraint is not None else None
-            token = pick_token(logits, greedy, rng, seq, allowed)
-            if constraint is not None:
-                constraint.accept(token)  # the next mask starts here, beside the forward pass below
-                if constraint.done:  # the array closed early: start another, the speed is what is measured
-                    masked += constraint.tokens
-                    result["mask_s"] = result.get("mask_s", 0.0) + constraint.mask_seconds
-                    constraint = grammars.json_schema(schema)
-                    constraint.prepare()
-            seq.append(token)
-            logits = model.next_logits(seq)
-        elapsed = time.perf_counter() - start
-        if constraint is not None:
-            constraint.close()
-            masked += constraint.tokens
-            result["mask_s"] = result.get("mask_s", 0.0) + constraint.mask_seconds
-        return CONSTRAINED_TOKENS / elapsed, elapsed, masked
-
-    free = [run(False)[0] for _ in range(3)]
-    result["mask_s"] = 0.0
-    held = [run(True) for _ in range(3)]
-    result["free_tps"] = statistics.median(free)
-    result["constrained_tps"] = statistics.median(h[0] for h in held)
-    result["mask_us_per_token"] = result["mask_s"] / sum(h[2] for h in held) * 1e6
-    valid = 0
-    for i, (name, one) in enumerate(SCHEMAS.items()):
-        for seed in range(3):
-            model.forget()
-            seq = tok.encode(chat_prompt(f"Describe a person as JSON ({name})."))
-            constraint = grammars.json_schema(one)
-            sampler = SamplingParams(temperature=0.8, top_k=40, seed=seed)
-            draws = np.random.default_rng(seed * 100 + i)
-            for _ in range(CONSTRAINED_TOKENS):
-                token = pick_token(model.next_logits(seq), sampler, draws, seq, constraint.allowed())
-                if token in tok.end_ids:
-                    break
-                constraint.accept(token)
-                seq.append(token)
-                if constraint.done:
-                    break
-            constraint.close()
-            try:
-                jsonschema.validate(json.loads(tok.decode(seq[len(seq) - constraint.tokens:])), one)
-                valid += 1
-            except (ValueError, jsonschema.ValidationError):
-                pass
-    result["valid"], result["valid_of"] = valid, len(SCHEMAS) * 3
-    return result
-
-
-def render_constrained(c: dict[str, float]) -> str:
-    ratio = c["constrained_tps"] / c["free_tps"]
-    verdict = "met" if ratio >= 0.9 else "not met"
-    stretch = "met" if ratio >= 0.97 else "not met"
-    return "\n".join([
-        "", "### Constrained decoding (llguidance, in process)", "",
-        "| measure | value |", "| --- | --- |",
-        f"| greedy decode tokens/s, free ({CONSTRAINED_TOKENS} tokens, median of 3) | {c['free_tps']:.1f} |",
-        f"| greedy decode tokens/s, held to a JSON schema | {c['constrained_tps']:.1f} |",
-        f"| constrained / free | {ratio:.3f}x |",
-        f"| mask time per token, on the mask worker (us) | {c['mask_us_per_token']:.0f} |",
-        f"| schema compile time, median / max over the schema set (ms) | {c['compile_ms']:.2f} / {c['compile_max_ms']:.2f} |",
-        f"| llguidance tokenizer from the vocabulary, once (s) | {c['grammar_tokenizer_s']:.2f} |",
-        f"| answers that parse and validate, schema set x 3 seeds, temperature 0.8 | {c['valid']}/{c['valid_of']} |",
-        "", f"Targets: constrained >= 0.9x free: {verdict}; stretch >= 0.97x: {stretch} ({ratio:.3f}x); "
-        f"validity 100%: {'met' if c['valid'] == c['valid_of'] else 'not met'}.", "",
-    ])
-
-
 # --- servers ---------------------------------------------------------------------------------------------
 
 def peak_rss_mb(pid: int) -> float:
@@ -400,7 +238,7 @@ def main() -> int:
     ours = ours_in_process(model_path, args.weights)
     rows["tinygrad"].update(ours)
     agree, total = agreement(model_path, args.weights)
-    constrained = constrained_decoding(model_path, args.weights)
+    constrained = constrained_decoding(model_path, args.weights, chat_prompt)
     print(json.dumps(rows, indent=1), flush=True)
 
     cold_cache = Path(tempfile.mkdtemp()) / "cache.db"
@@ -454,7 +292,7 @@ def render(rows: dict[str, dict[str, object]], bandwidth: float, agree: int, tot
         f"Model: `{model.name}` (the bundled SmolLM2-135M-Instruct). llama.cpp: llama-cpp-python built from source "
         f"(`.bench/llamacpp`), its server for the HTTP rows. tinygrad 0.13.0, device CPU; the HTTP rows run our "
         f"server with `--parallel {PARALLEL}` (its default).", "",
-        f"Host speed: a fixed pure-Python loop (1,000,000 additions, `python_loop_ms` in bench_backend.py) took "
+        f"Host speed: a fixed pure-Python loop (1,000,000 additions, `python_loop_ms` in bench/host_timing.py) took "
         f"{python_ms:.0f} ms.", "",
         "| measure | tinygrad | llama.cpp | ratio |", "| --- | --- | --- | --- |",
     ]
