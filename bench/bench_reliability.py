@@ -42,15 +42,17 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def config(tmp: Path, url: str) -> Path:
+def config(tmp: Path, url: str, alias: str = "coding", model: str = "openai/bench", name: str = "config.yaml") -> Path:
+    """The shipped config with one alias served by one deployment at `url`, and no backend of its own."""
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
-    raw["model_list"] = [{"model_name": "coding", "litellm_params": {"model": "openai/bench", "api_base": url, "api_key": "x"}}]
+    params = {"model": model, "api_base": url, **({"api_key": "x"} if model.startswith("openai/") else {})}
+    raw["model_list"] = [{"model_name": alias, "litellm_params": params}]
     raw["router_settings"] = {"num_retries": 0}
-    raw["delegate"]["aliases"] = {"coding": "benchmark"}
+    raw["delegate"]["aliases"] = {alias: "benchmark"}
     raw["delegate"]["backend"] = None
     for extra in ("auto", "anthropic"):  # they name the shipped aliases
         raw["delegate"].pop(extra, None)
-    path = tmp / "config.yaml"
+    path = tmp / name
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -165,15 +167,7 @@ def hostile_run(tmp: Path, count: int) -> dict[str, dict[str, object]]:
         wait_http(backend_url + "/health", 900, proc=backend)
         direct = asyncio.run(_hostile(backend_url, list(hostile_bodies(count, "smollm2", seed=1)), "smollm2"))
         assert backend.poll() is None, "the backend exited"
-        raw = yaml.safe_load((ROOT / "config.yaml").read_text())
-        raw["model_list"] = [{"model_name": "quick", "litellm_params": {"model": "tinygrad/smollm2", "api_base": backend_url}}]
-        raw["router_settings"] = {"num_retries": 0}
-        raw["delegate"]["aliases"] = {"quick": "benchmark"}
-        raw["delegate"]["backend"] = None
-        for extra in ("auto", "anthropic"):  # they name the shipped aliases
-            raw["delegate"].pop(extra, None)
-        cfg = tmp / "hostile.yaml"
-        cfg.write_text(yaml.safe_dump(raw))
+        cfg = config(tmp, backend_url, alias="quick", model="tinygrad/smollm2", name="hostile.yaml")
         proc = serve(cfg, port, {"DELEGATE_HOME": str(tmp / "home-hostile")})
         try:
             paths = ("/v1/chat/completions", "/v1/completions")
