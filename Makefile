@@ -46,7 +46,7 @@ test: $(STAMP)
 check: lint typecheck
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tinygrad_backend tests bench
+	$(BIN)/ruff check proxy serving tinygrad_backend tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -9,7 +9,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ import pytest
 
 from proxy.usage.store import UsageStore
 from tests.conftest import write_config
-from tests.servers import ROOT, free_port, process, wait_http, wait_rows
+from tests.servers import free_port, process, wait_http, wait_rows
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -31,6 +30,17 @@ def backend_process(mode: str = "ok", delay: float = 0.0, name: str = "fake") ->
     with process(["-m", "tests.fake_backend", "--port", str(port), "--mode", mode, "--delay", str(delay), "--name", name]) as p:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 30, proc=p)
         yield p, f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def proxy_process(config: Path, log: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`delegate serve --no-backend` as its own process, so it can be sent signals, once it is ready."""
+    port = free_port()
+    with process(["-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config), "--port", str(port)],
+                 log=log) as p:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health/readiness", 120, proc=p)
+        yield p, url
 
 
 def test_backend_killed_mid_stream(tmp_path: Path, start_proxy) -> None:  # type: ignore[no-untyped-def]
@@ -106,28 +116,20 @@ async def _load(url: str, total: int, concurrency: int) -> tuple[list[str], int]
 
 
 def test_sigterm_under_load_drains_and_loses_no_row(tmp_path: Path, delegate_home: Path) -> None:
-    with backend_process(delay=0.05) as (_, url):
-        config = write_config(tmp_path / "c.yaml", [("coding", "openai/ok", url)])
-        port = free_port()
-        proxy_url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config),
-                                 "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            wait_http(proxy_url + "/health/readiness", 120, proc=proc)
+    log = tmp_path / "proxy.log"
+    with (backend_process(delay=0.05) as (_, url),
+          proxy_process(write_config(tmp_path / "c.yaml", [("coding", "openai/ok", url)]), log) as (proc, proxy_url)):
 
-            async def run() -> tuple[list[str], int]:
-                load = asyncio.create_task(_load(proxy_url, 300, 16))
-                while UsageStore.open().count() < 60:  # mid-run
-                    await asyncio.sleep(0.05)
-                proc.send_signal(signal.SIGTERM)
-                return await load
+        async def run() -> tuple[list[str], int]:
+            load = asyncio.create_task(_load(proxy_url, 300, 16))
+            while UsageStore.open().count() < 60:  # mid-run
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            return await load
 
-            completed, failed = asyncio.run(run())
-            out = proc.communicate(timeout=60)[0].decode(errors="replace")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert proc.returncode == 0, out
+        completed, failed = asyncio.run(run())
+        proc.wait(60)
+    assert proc.returncode == 0, log.read_text(errors="replace")
     assert len(completed) >= 60 and failed > 0  # the proxy did stop mid-run
     rows = UsageStore.open().rows()
     ids = [r["request_id"] for r in rows]
@@ -138,28 +140,19 @@ def test_sigterm_under_load_drains_and_loses_no_row(tmp_path: Path, delegate_hom
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM"])
 def test_readiness_fails_while_draining(tmp_path: Path, signal_name: str) -> None:
-    with backend_process("slow") as (_, url):
-        config = write_config(tmp_path / "c.yaml", [("coding", "openai/slow", url)])
-        port = free_port()
-        proxy_url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.client.cli", "serve", "--no-backend", "--config", str(config),
-                                 "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_http(proxy_url + "/health/readiness", 120, proc=proc)
-            with httpx.stream("POST", proxy_url + "/v1/chat/completions", timeout=60,
-                              json={"model": "coding", "messages": MSG, "stream": True}) as r:
-                lines = r.iter_lines()
-                next(line for line in lines if '"content"' in line)
-                proc.send_signal(getattr(signal, signal_name))
-                time.sleep(0.5)
-                try:
-                    ready = httpx.get(proxy_url + "/health/readiness", timeout=2).status_code
-                except httpx.HTTPError:
-                    ready = None  # no longer accepting connections: as good as not ready
-                assert ready in (503, None)
-                rest = [line for line in lines if line]  # the stream in flight still finishes
-            assert rest[-1] == "data: [DONE]" and not any('"error"' in x for x in rest)
-            assert proc.wait(60) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with (backend_process("slow") as (_, url),
+          proxy_process(write_config(tmp_path / "c.yaml", [("coding", "openai/slow", url)])) as (proc, proxy_url)):
+        with httpx.stream("POST", proxy_url + "/v1/chat/completions", timeout=60,
+                          json={"model": "coding", "messages": MSG, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if '"content"' in line)
+            proc.send_signal(getattr(signal, signal_name))
+            time.sleep(0.5)
+            try:
+                ready = httpx.get(proxy_url + "/health/readiness", timeout=2).status_code
+            except httpx.HTTPError:
+                ready = None  # no longer accepting connections: as good as not ready
+            assert ready in (503, None)
+            rest = [line for line in lines if line]  # the stream in flight still finishes
+        assert rest[-1] == "data: [DONE]" and not any('"error"' in x for x in rest)
+        assert proc.wait(60) == 0

@@ -10,16 +10,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import ipaddress
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from serving.listen import ListenError, bind, is_loopback
 from tinygrad_backend.chat_template import ChatTemplate, TemplateError
 from tinygrad_backend.gguf_file import ModelFileError, read_header
 from tinygrad_backend.tokenizer import GGUFTokenizer
@@ -92,29 +91,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
 def _check_device() -> str:
     from tinygrad import Device
 
@@ -155,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         header = read_header(path)
         tokenizer = GGUFTokenizer(header.metadata)
         template = _template(header, tokenizer)
-        sock = _bind(args.host, args.port)
+        sock = bind(args.host, args.port, backlog=128)
+        sock.set_inheritable(True)
         device = _check_device()
-    except (StartError, ModelFileError) as e:
+    except (StartError, ModelFileError, ListenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_START
     context = min(args.max_context, header.context_length)
@@ -221,7 +198,7 @@ def _serve(model_id, header, tokenizer, template, sock, context, args) -> int:  
     app = create_app(Backend(model_id, header, tokenizer, template, engine, context), api_key=args.api_key,
                      loopback_only_hosts=is_loopback(args.host))
     config = uvicorn.Config(app, log_level=args.log_level if args.log_level != "info" else "warning", access_log=False,
-                            timeout_graceful_shutdown=5, http="tinygrad_backend.header_timeout:HeaderTimeoutProtocol")
+                            timeout_graceful_shutdown=5, http="serving.header_timeout:HeaderTimeoutProtocol")
     server = uvicorn.Server(config)
     engine.start()
     threading.Thread(target=_watch, args=(engine, failure), name="watchdog", daemon=True).start()

@@ -2,36 +2,21 @@
 model can take, never an exception that turns into a 500.
 
 Half of a UTF-16 surrogate pair ("\\ud800", legal in JSON's escapes) is no text a tokenizer or a UTF-8
-encoder can take: each becomes U+FFFD, the replacement character, as any UTF-8 system does.
+encoder can take: each becomes U+FFFD, the replacement character, as in the proxy (serving/json_body.py).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from serving.json_body import no_constants, without_lone_surrogates
 from tinygrad_backend.errors import APIError, from_validation
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 Shape = TypeVar("Shape", bound=BaseModel)
-
-
-def _no_constants(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _text(value: Any) -> Any:
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [_text(v) for v in value]
-    if isinstance(value, dict):
-        return {_text(k): _text(v) for k, v in value.items()}
-    return value
 
 
 async def json_object(request: Request, empty: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -40,7 +25,7 @@ async def json_object(request: Request, empty: dict[str, Any] | None = None) -> 
     if not raw.strip() and empty is not None:
         return empty
     try:
-        body = _text(json.loads(raw, parse_constant=_no_constants))
+        body = without_lone_surrogates(json.loads(raw, parse_constant=no_constants))
     except RecursionError as e:
         raise APIError(400, "the request body nests too deeply") from e
     except UnicodeDecodeError as e:

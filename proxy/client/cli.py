@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from proxy.usage.keys import KeyStore
 
 
@@ -92,17 +94,16 @@ def _keys_list(args: argparse.Namespace) -> int:
         print(json.dumps(listed, indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="Issued keys")
-    for name in ("key id", "name", "aliases", "budget", "spent", "rpm", "state"):
-        table.add_column(name)
+    from proxy.client.tables import table
+
+    rows = []
     for k in listed:
         state = "revoked" if k["revoked_at"] else ("active" if k["active"] else "expired")
-        table.add_row(k["key_id"], k["name"] or "", ",".join(k["aliases"]) if k["aliases"] else "all",
-                      f"${k['budget_usd']:.2f}" if k["budget_usd"] is not None else "-", f"${k['spent_usd']:.4f}",
-                      str(k["rpm"] or "-"), state)
-    Console().print(table)
+        rows.append((k["key_id"], k["name"] or "", ",".join(k["aliases"]) if k["aliases"] else "all",
+                     f"${k['budget_usd']:.2f}" if k["budget_usd"] is not None else "-", f"${k['spent_usd']:.4f}",
+                     str(k["rpm"] or "-"), state))
+    Console().print(table("Issued keys", ("key id", "name", "aliases", "budget", "spent", "rpm", "state"), rows))
     return 0
 
 
@@ -166,6 +167,14 @@ def _mcp(args: argparse.Namespace) -> int:
     return main()
 
 
+def _listing(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str,
+             func: Callable[[argparse.Namespace], int]) -> None:
+    """A command whose one option is --json: what it lists as a table for people, as JSON for scripts."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="delegate", description="Hand routine LLM work to local models.",
                                      epilog="The proxy's address and key: DELEGATE_URL, DELEGATE_API_KEY.")
@@ -180,13 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole response as JSON (no streaming)")
     p.set_defaults(func=_ask)
 
-    p = sub.add_parser("models", help="the task aliases and models the proxy serves")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_models)
-
-    p = sub.add_parser("status", help="the proxy, its backends and the usage store")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_status)
+    _listing(sub, "models", "the task aliases and models the proxy serves", _models)
+    _listing(sub, "status", "the proxy, its backends and the usage store", _status)
 
     p = sub.add_parser("review", help="review a diff: piped on stdin, --base REF, or the working tree")
     p.add_argument("--base", help="review `git diff BASE` (e.g. HEAD~1)")
@@ -220,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--config", default="config.yaml", help="checked for the aliases (default config.yaml)")
     k.add_argument("--json", action="store_true", help="print the key and its limits as JSON")
     k.set_defaults(func=_keys_create)
-    k = keys.add_parser("list", help="every issued key, its limits, spend and state")
-    k.add_argument("--json", action="store_true")
-    k.set_defaults(func=_keys_list)
+    _listing(keys, "list", "every issued key, its limits, spend and state", _keys_list)
     k = keys.add_parser("revoke", help="revoke a key: 401 from its next request on")
     k.add_argument("key_id", help="the key's id, as `delegate keys list` shows it")
     k.set_defaults(func=_keys_revoke)

@@ -17,6 +17,7 @@ from typing import Any
 
 from proxy.client.api import split_model
 from proxy.client.connection import Connection, ProxyError, Unreachable
+from proxy.client.tables import table
 
 EXIT_FAILED, EXIT_UNREACHABLE = 1, 2
 SOURCE = "cli"  # what usage rows say these requests came from
@@ -131,15 +132,10 @@ def models(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="Task aliases and models")
-    for name in ("name", "kind", "used for", "chain", "context"):
-        table.add_column(name)
-    for m in data:
-        chain = " → ".join([*m["deployments"], *m["fallbacks"]])
-        table.add_row(m["id"], m["kind"], m.get("description") or "", chain, str(m.get("context_length") or "?"))
-    Console().print(table)
+    rows = [(m["id"], m["kind"], m.get("description") or "", " → ".join([*m["deployments"], *m["fallbacks"]]),
+             str(m.get("context_length") or "?")) for m in data]
+    Console().print(table("Task aliases and models", ("name", "kind", "used for", "chain", "context"), rows))
     return 0
 
 
@@ -161,7 +157,6 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps(facts, indent=2))
         return 0 if facts["ready"] else EXIT_FAILED
     from rich.console import Console
-    from rich.table import Table
 
     out = Console()
     state = "[green]ready[/green]" if facts["ready"] else ("[yellow]not ready[/yellow]" if facts["alive"] else "[red]down[/red]")
@@ -169,13 +164,9 @@ def status(args: argparse.Namespace) -> int:
     for problem in facts["problems"]:
         out.print(f"  - {problem}")
     if facts["deployments"]:
-        table = Table(title="Backends")
-        for name in ("model name", "deployment", "address", "status", "cooling down"):
-            table.add_column(name)
-        for d in facts["deployments"]:
-            cooling = f"{d['cooldown_remaining_s']:.0f}s" if d["cooldown_remaining_s"] else ""
-            table.add_row(d["model_name"], d["model"], d["api_base"] or "", d["status"], cooling)
-        out.print(table)
+        rows = [(d["model_name"], d["model"], d["api_base"] or "", d["status"],
+                 f"{d['cooldown_remaining_s']:.0f}s" if d["cooldown_remaining_s"] else "") for d in facts["deployments"]]
+        out.print(table("Backends", ("model name", "deployment", "address", "status", "cooling down"), rows))
     store = facts["store"]
     out.print(f"usage store {store['url']}: " + (f"{store['rows']:,} rows" if "rows" in store else store["error"]))
     return 0 if facts["ready"] else EXIT_FAILED

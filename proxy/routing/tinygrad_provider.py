@@ -63,6 +63,13 @@ def _url(api_base: str | None) -> str:
     return (api_base or DEFAULT_API_BASE).rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
 
 
+def _post(model: str, messages: list, api_base: str | None, api_key: str | None, optional_params: dict,
+          litellm_params: dict | None, timeout: float | httpx.Timeout | None, stream: bool) -> dict[str, Any]:
+    """The POST every call sends, sync or async, one answer or a stream: httpx's url, json, headers, timeout."""
+    return {"url": _url(api_base), "json": _body(model, messages, optional_params, litellm_params, stream),
+            "headers": _headers(api_key), "timeout": _timeout(timeout)}
+
+
 def _error_from_status(status: int, text: str, model: str) -> Exception:
     try:
         err = json.loads(text).get("error", {})
@@ -113,6 +120,12 @@ def _fill(model_response: ModelResponse, data: dict[str, Any], model: str) -> Mo
         model_response.choices[0].message.provider_specific_fields = {"timings": data["timings"]}  # type: ignore[union-attr]
         model_response._hidden_params["timings"] = data["timings"]
     return model_response
+
+
+def _answer(r: httpx.Response, model_response: ModelResponse, model: str) -> ModelResponse:
+    if r.status_code != 200:
+        raise _error_from_status(r.status_code, r.text, model)
+    return _fill(model_response, r.json(), model)
 
 
 def _chunk(text: str = "", finish: str | None = None, usage: dict | None = None,
@@ -192,35 +205,30 @@ class TinygradProvider(CustomLLM):
     async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override]
                           encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                           logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
+        post = _post(model, messages, api_base, api_key, optional_params, litellm_params, timeout, stream=False)
         try:
-            r = await self._aclient().post(_url(api_base), json=_body(model, messages, optional_params, litellm_params, False),
-                                           headers=_headers(api_key), timeout=_timeout(timeout))
+            r = await self._aclient().post(**post)
         except httpx.HTTPError as e:
             raise _error_from_transport(e, model, api_base) from e
-        if r.status_code != 200:
-            raise _error_from_status(r.status_code, r.text, model)
-        return _fill(model_response, r.json(), model)
+        return _answer(r, model_response, model)
 
     def completion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override]
                    encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                    logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:  # noqa: B006
+        post = _post(model, messages, api_base, api_key, optional_params, litellm_params, timeout, stream=False)
         try:
-            r = self._client().post(_url(api_base), json=_body(model, messages, optional_params, litellm_params, False),
-                                    headers=_headers(api_key), timeout=_timeout(timeout))
+            r = self._client().post(**post)
         except httpx.HTTPError as e:
             raise _error_from_transport(e, model, api_base) from e
-        if r.status_code != 200:
-            raise _error_from_status(r.status_code, r.text, model)
-        return _fill(model_response, r.json(), model)
+        return _answer(r, model_response, model)
 
     # --- streams -----------------------------------------------------------------------------------
 
     async def astreaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override,misc]
                          encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                          logger_fn=None, headers={}, timeout=None, client=None) -> AsyncIterator[GenericStreamingChunk]:  # noqa: B006
-        body = _body(model, messages, optional_params, litellm_params, True)
-        request = self._aclient().build_request("POST", _url(api_base), json=body, headers=_headers(api_key),
-                                                timeout=_timeout(timeout))
+        post = _post(model, messages, api_base, api_key, optional_params, litellm_params, timeout, stream=True)
+        request = self._aclient().build_request("POST", **post)
         parser = _SSE(model)
         try:
             r = await self._aclient().send(request, stream=True)
@@ -238,10 +246,10 @@ class TinygradProvider(CustomLLM):
     def streaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,  # type: ignore[no-untyped-def,override]
                   encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
                   logger_fn=None, headers={}, timeout=None, client=None) -> Iterator[GenericStreamingChunk]:  # noqa: B006
+        post = _post(model, messages, api_base, api_key, optional_params, litellm_params, timeout, stream=True)
         parser = _SSE(model)
         try:
-            with self._client().stream("POST", _url(api_base), json=_body(model, messages, optional_params, litellm_params, True),
-                                       headers=_headers(api_key), timeout=_timeout(timeout)) as r:
+            with self._client().stream("POST", **post) as r:
                 if r.status_code != 200:
                     raise _error_from_status(r.status_code, r.read().decode(errors="replace"), model)
                 for line in r.iter_lines():

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import ipaddress
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.server.backend_process import LocalBackend, StartError
 from proxy.settings import ConfigError, Settings
 from proxy.usage.store import StoreError, UsageStore
+from serving.listen import ListenError, bind, is_loopback
 
 if TYPE_CHECKING:
     import uvicorn
@@ -39,28 +38,6 @@ class _Stopped(Exception):
 
 def _stop(signum: int, frame: object) -> None:
     raise _Stopped
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-    sock.listen(2048)
-    return sock
 
 
 def tune_collector() -> None:
@@ -97,7 +74,7 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     """How `delegate serve` runs the app: uvloop, httptools with a header timeout (slowloris), a 30 s drain."""
     import uvicorn
 
-    from proxy.server.header_timeout import with_header_timeout
+    from serving.header_timeout import with_header_timeout
 
     return uvicorn.Config(app, loop="uvloop", http=with_header_timeout(settings.delegate.header_timeout_s),
                           log_level="warning", access_log=False, timeout_graceful_shutdown=30)
@@ -120,9 +97,9 @@ def serve(config: Path, host: str, port: int, with_backend: bool = True, json_lo
                              "could use it. Set the key, or bind 127.0.0.1")
         settings, routing = load_settings(config)
         store = UsageStore.open()
-        sock = bind(host, port)
+        sock = bind(host, port, backlog=2048)
         backend = LocalBackend.start(settings.delegate.backend) if with_backend and settings.delegate.backend else None
-    except (ConfigError, StartError, StoreError) as e:
+    except (ConfigError, StartError, StoreError, ListenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_START
     try:

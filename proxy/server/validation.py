@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import orjson
 
 from proxy.server.errors import ProxyError, bad_request
+from serving.json_body import no_constants, without_lone_surrogates
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_TOKENS_LIMIT = 1 << 20
@@ -45,7 +45,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:
-            body = _without_lone_surrogates(json.loads(raw.decode("utf-8"), parse_constant=_no_constants))
+            body = without_lone_surrogates(json.loads(raw.decode("utf-8"), parse_constant=no_constants))
         except UnicodeDecodeError as e:
             raise bad_request(f"the request body is not valid UTF-8 (byte {e.start})") from e
         except RecursionError as e:
@@ -55,25 +55,6 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _without_lone_surrogates(value: Any) -> Any:
-    """JSON may escape half of a UTF-16 pair ("\\ud800"); no backend can take that as UTF-8 text. Each becomes
-    U+FFFD, the replacement character, as any UTF-8 system does; the rest of the text stays as sent."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [_without_lone_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
-    return value
-
-
-def _no_constants(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def check_keys(body: dict[str, Any]) -> None:

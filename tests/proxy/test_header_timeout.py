@@ -1,7 +1,7 @@
 """Slowloris: a connection whose request headers never finish is closed after delegate.header_timeout_s.
 
-The proxy runs under the uvicorn.Config that `delegate serve` builds (proxy.serve.server_config), on a real
-socket; a raw client sends half a request, or nothing, and waits for the server to hang up.
+The proxy runs under the uvicorn.Config that `delegate serve` builds (proxy.server.serve.server_config), on a
+real socket; a raw client sends half a request, or nothing, and waits for the server to hang up.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import uvicorn
 
 from proxy import settings as settings_module
 from proxy.server.app import create_app
-from proxy.server.serve import bind, server_config
+from proxy.server.serve import server_config
 from proxy.usage.store import UsageStore
+from serving.listen import bind
 from tests.conftest import write_config
 from tests.servers import free_port
 
@@ -32,7 +33,7 @@ def served(tmp_path: Path, header_timeout_s: float) -> Iterator[int]:
     settings = settings_module.load(config)
     app = create_app(settings, None, UsageStore.open(f"sqlite:///{tmp_path / 'usage.db'}"))
     port = free_port()
-    sock = bind("127.0.0.1", port)
+    sock = bind("127.0.0.1", port, backlog=2048)
     server = uvicorn.Server(server_config(app, settings))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

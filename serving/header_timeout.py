@@ -5,8 +5,8 @@ connections open indefinitely.
 uvicorn 0.54 has no such timeout: `timeout_keep_alive` only runs between requests, and it is cancelled by
 the first byte of the next one, so a client that sends half a request line and then nothing keeps its
 connection (and its file descriptor) for as long as it likes. Only the headers are timed here, not a body
-that trickles in after them, nor the response. tinygrad_backend/header_timeout.py is a copy of this module
-(the backend imports nothing from proxy/; a test keeps the two the same below their docstrings).
+that trickles in after them, nor the response. The proxy (`delegate serve`, with delegate.header_timeout_s) and
+the backend (10 s) both run under it.
 """
 
 from __future__ import annotations
