@@ -13,11 +13,14 @@ import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from proxy.routing.answer_checks import CHECKS, AliasChecks
 
 ENV_PREFIX = "os.environ/"
 TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "delegate")
@@ -72,6 +75,23 @@ class AutoSettings(BaseModel):
     aliases: list[str] | None = None
 
 
+class AliasCheckSettings(BaseModel):
+    """One alias's answer checks (proxy/routing/answer_checks.py), beyond those every alias has."""
+
+    model_config = ConfigDict(extra="forbid")
+    checks: list[str] = Field(default_factory=list)
+    escalate_to: str | None = None  # a model_name; unset: an answer that fails goes on down the alias's chain
+    stream: Literal["after", "hold"] = "after"  # hold: a stream is sent only once its answer passed
+
+
+class ChecksSettings(BaseModel):
+    """Answers checked before they count as delegated work; one that fails escalates."""
+
+    model_config = ConfigDict(extra="forbid")
+    every_alias: list[str] = Field(default_factory=list)
+    aliases: dict[str, AliasCheckSettings] = Field(default_factory=dict)
+
+
 class DelegateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     aliases: dict[str, str] = Field(min_length=1)  # task alias -> what it is for
@@ -84,6 +104,7 @@ class DelegateSettings(BaseModel):
     backend: BackendSettings | None = Field(default_factory=lambda: BackendSettings())
     anthropic: AnthropicSettings = Field(default_factory=lambda: AnthropicSettings())
     auto: AutoSettings = Field(default_factory=lambda: AutoSettings())
+    checks: ChecksSettings = Field(default_factory=lambda: ChecksSettings())
 
 
 @dataclass
@@ -98,6 +119,17 @@ class Settings:
     @property
     def aliases(self) -> list[str]:
         return list(self.delegate.aliases)
+
+    @cached_property
+    def answer_checks(self) -> dict[str, AliasChecks]:
+        """Each alias's checks: those of every alias, then its own (none: the alias is not checked)."""
+        found = {}
+        for alias in self.delegate.aliases:
+            own = self.delegate.checks.aliases.get(alias) or AliasCheckSettings()
+            names = tuple(dict.fromkeys([*self.delegate.checks.every_alias, *own.checks]))
+            if names:
+                found[alias] = AliasChecks(names, own.escalate_to, own.stream == "hold")
+        return found
 
     def deployments(self, group: str) -> list[dict[str, Any]]:
         return [d for d in self.model_list if d["model_name"] == group]
@@ -161,6 +193,7 @@ def load(path: str | Path) -> Settings:
         if alias not in groups:
             raise ConfigError(f"delegate.anthropic.tiers.{glob}: no model_list entry has model_name {alias!r}")
     _check_fallbacks(router_settings, groups)
+    _check_checks(delegate.checks, delegate, groups)
     delegate.auto.aliases = _auto_aliases(delegate, groups)
     return Settings(path, model_list, router_settings, litellm_settings, delegate, groups)
 
@@ -241,6 +274,25 @@ def _check_fallbacks(router_settings: dict[str, Any], groups: list[str]) -> None
                         f"router_settings.{key}[{i}].{source}: falls back to {target!r}, which is not a model_name "
                         f"in model_list (known: {', '.join(groups)})"
                     )
+
+
+def _check_checks(checks: ChecksSettings, delegate: DelegateSettings, groups: list[str]) -> None:
+    def known(names: list[str], where: str) -> None:
+        for i, name in enumerate(names):
+            if name not in CHECKS:
+                raise ConfigError(f"{where}[{i}]: unknown check {name!r}; the checks are {', '.join(CHECKS)}")
+
+    known(checks.every_alias, "delegate.checks.every_alias")
+    for alias, own in checks.aliases.items():
+        where = f"delegate.checks.aliases.{alias}"
+        if alias not in delegate.aliases:
+            raise ConfigError(f"{where}: {alias!r} is not one of delegate.aliases ({', '.join(delegate.aliases)})")
+        known(own.checks, f"{where}.checks")
+        if own.escalate_to is not None and own.escalate_to not in groups:
+            raise ConfigError(f"{where}.escalate_to: no model_list entry has model_name {own.escalate_to!r} "
+                              f"(known: {', '.join(groups)})")
+        if own.escalate_to == alias:
+            raise ConfigError(f"{where}.escalate_to: an alias cannot escalate to itself")
 
 
 def _auto_aliases(delegate: DelegateSettings, groups: list[str]) -> list[str]:

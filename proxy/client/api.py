@@ -46,6 +46,8 @@ class LLMResponse:
     fallbacks: int = 0  # hops down the task's chain inside the proxy
     request_id: str | None = None
     status_code: int | None = None  # the proxy's HTTP status when it refused or failed
+    check: str | None = None  # what the task's answer checks said: "passed", "failed", or None (not checked)
+    escalations: int = 0  # times the proxy asked a better model because an answer failed its checks
 
     def __str__(self) -> str:
         return self.text if self.success else f"[failed: {self.error}]"
@@ -112,7 +114,8 @@ def delegate_via(conn: Connection, prompt: str, task: str = "coding", system: st
     return LLMResponse(
         text=reply.choices[0].message.content or "", model=model, backend=backend, latency_ms=latency_ms,
         tokens=tokens, tokens_per_sec=tokens / (latency_ms / 1000) if latency_ms > 0 else 0.0, success=True,
-        task=task, fallbacks=int(raw.headers.get("x-delegate-fallbacks") or 0), request_id=raw.headers.get("x-request-id"))
+        task=task, fallbacks=int(raw.headers.get("x-delegate-fallbacks") or 0), request_id=raw.headers.get("x-request-id"),
+        check=raw.headers.get("x-delegate-check"), escalations=int(raw.headers.get("x-delegate-escalations") or 0))
 
 
 def delegate_with_retry(prompt: str, task: str = "coding", max_retries: int = 3, backoff_s: float = 1.0,

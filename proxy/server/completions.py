@@ -21,11 +21,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.server import validation
-from proxy.server.ask_router import ChainFailed, answered, ask, count_whole
+from proxy.server import escalation, validation
+from proxy.server.ask_router import ChainFailed, answered, count_whole
 from proxy.server.errors import ProxyError
 from proxy.server.responses import json_response, sse
-from proxy.server.shapes import chat_chunk, chat_dict, has_text, text_chunk, text_dict
+from proxy.server.shapes import as_chunks, chat_chunk, chat_dict, has_text, text_chunk, text_dict
 from proxy.usage.sources import HEADER as SOURCE_HEADER
 from proxy.usage.sources import source_of
 from proxy.usage.trace import RequestTrace
@@ -48,15 +48,17 @@ class Completions:
         validation.check_messages(body)
         validation.check_common(body)
         validation.check_tools(body)
+        asked = alias
         alias = p.admission.resolve(caller, alias, body["messages"])
         hold = await p.admission.admit(caller, alias, body, body["messages"])
         trace = p.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, p.recorder.record,
                               source=source_of(request.headers.get(SOURCE_HEADER)))
-        trace.hold = hold
+        trace.hold, trace.requested_model = hold, asked if asked != alias else None
         trace.prompt = body["messages"]
         kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._complete(trace, kwargs, include_usage, p.router.acompletion, chat_dict, chat_chunk)
+        return await self._complete(trace, kwargs, include_usage, p.router.acompletion, chat_dict, chat_chunk,
+                                    body.get("response_format"))
 
     async def text(self, request: Request) -> Response:
         p = self.proxy
@@ -65,41 +67,48 @@ class Completions:
         alias = validation.check_model(body, p.known, p.settings.aliases)
         validation.check_prompt(body)
         validation.check_common(body)
+        asked = alias
         alias = p.admission.resolve(caller, alias, body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"])
         hold = await p.admission.admit(caller, alias, body, body["prompt"])
         trace = p.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, p.recorder.record,
                               source=source_of(request.headers.get(SOURCE_HEADER)))
-        trace.hold = hold
+        trace.hold, trace.requested_model = hold, asked if asked != alias else None
         prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
         trace.prompt = prompt
         kwargs = {**self._kwargs(trace, body), "prompt": prompt}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._complete(trace, kwargs, include_usage, p.router.atext_completion, text_dict, text_chunk)
+        return await self._complete(trace, kwargs, include_usage, p.router.atext_completion, text_dict, text_chunk,
+                                    None)
 
     def _kwargs(self, trace: RequestTrace, body: dict[str, Any]) -> dict[str, Any]:
         metadata = {"delegate_request_id": trace.request_id}
         if body.get("user") is not None:
             metadata["delegate_user"] = body["user"]  # for providers LiteLLM would not hand `user` to
         kwargs = {"model": trace.alias, "metadata": metadata, **validation.forwarded(body)}
-        if trace.stream:
+        if trace.stream and not escalation.holds_stream(self.proxy, trace):
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}  # real token counts, always
         return kwargs
 
     async def _complete(self, trace: RequestTrace, kwargs: dict[str, Any], include_usage: bool, call: Any,
-                        to_dict: Any, to_chunk: Any) -> Response:
+                        to_dict: Any, to_chunk: Any, response_format: dict[str, Any] | None) -> Response:
         p = self.proxy
         try:
-            result = await ask(p, trace, call, kwargs)
+            result = await escalation.ask_checked(p, trace, call, kwargs, response_format)
         except ChainFailed as failed:
             p.usage.end(trace, "error", failed.cause)
             return failed.error.response(p.served_headers(trace, None, max(failed.groups_tried - 1, 0)))
         _, headers, served_model = answered(p, trace, result)
-        if not trace.stream:
+        headers.update(escalation.verdict_headers(trace))
+        if not trace.stream or escalation.holds_stream(p, trace):
             count_whole(trace, result)
             p.usage.end(trace, "success")
-            return json_response(to_dict(result, served_model), headers=headers)
-        body = self._stream(trace, result, include_usage, served_model, to_chunk)
+            whole = to_dict(result, served_model)
+            if not trace.stream:
+                return json_response(whole, headers=headers)
+            held = b"".join(sse(c) for c in as_chunks(whole, include_usage)) + DONE
+            return Response(held, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        body = self._stream(trace, result, include_usage, served_model, to_chunk, response_format)
         return TracedStream(body, partial(self._stream_closed, trace, result, body),
                             media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
@@ -112,9 +121,10 @@ class Completions:
             await close_backend(stream)
 
     async def _stream(self, trace: RequestTrace, stream: Any, include_usage: bool, model: str,
-                      to_chunk: Any) -> AsyncGenerator[bytes, None]:
+                      to_chunk: Any, response_format: dict[str, Any] | None) -> AsyncGenerator[bytes, None]:
         status = "partial"
         error: BaseException | None = None
+        answer = Said() if escalation.checks_for(self.proxy, trace.alias) else None
         try:
             async for chunk in stream:
                 chunk_usage = getattr(chunk, "usage", None)
@@ -129,6 +139,8 @@ class Completions:
                     continue
                 if chunk_usage is not None and not out["choices"] and not include_usage:
                     continue
+                if answer is not None and out["choices"]:
+                    answer.add(out["choices"][0])
                 if out["choices"] and has_text(out["choices"][0]):
                     trace.delivered += 1  # about one token: the count that stands when no usage chunk arrives
                     if trace.first_token_at is None:
@@ -150,9 +162,27 @@ class Completions:
             trace.finished_at = time.perf_counter()
             if status != "success":
                 count_cut_short(trace, model)
+            elif answer is not None:
+                escalation.judge_stream(self.proxy, trace, "".join(answer.text), answer.tool_calls, answer.finish,
+                                        response_format)
             self.proxy.usage.end(trace, status, error)
             await close_backend(stream)
         yield DONE
+
+
+class Said:
+    """What a stream on a checked alias said, gathered for its checks."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.tool_calls = 0
+        self.finish: str | None = None
+
+    def add(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta") or {}
+        self.text.append(delta.get("content") or choice.get("text") or "")
+        self.tool_calls += sum(1 for call in delta.get("tool_calls") or [] if (call.get("function") or {}).get("name"))
+        self.finish = choice.get("finish_reason") or self.finish
 
 
 class TracedStream(StreamingResponse):

@@ -70,3 +70,26 @@ def text_chunk(c: Any, model: str) -> dict[str, Any] | None:
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def as_chunks(whole: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A whole answer (chat_dict or text_dict) as the stream a client asked for: the content in one chunk, then
+    the finish, then the usage when asked. For a stream held back until its answer was checked."""
+    chat = whole["object"] == "chat.completion"
+    head = {"id": whole["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": whole["created"], "model": whole["model"]}
+    content, finish = [], []
+    for c in whole["choices"]:
+        if chat:
+            delta = dict(c["message"])
+            if "tool_calls" in delta:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+            content.append({"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": None})
+            finish.append({"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]})
+        else:
+            content.append({"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": None})
+            finish.append({"index": c["index"], "text": "", "logprobs": None, "finish_reason": c["finish_reason"]})
+    chunks = [{**head, "choices": content}, {**head, "choices": finish}]
+    if include_usage and whole.get("usage") is not None:
+        chunks.append({**head, "choices": [], "usage": whole["usage"]})
+    return chunks

@@ -62,6 +62,9 @@ class Recorder:
                       default_watts=self.settings.default_power_watts)
         if dep is not None and not any(a["ok"] for a in attempts):
             attempts.append({"deployment": dep.id, "model": dep.model, "ok": trace.status == "success", "error_class": None})
+        rejected = self._rejected_cost(trace)
+        # savings count only an answer its checks did not fail; what a rejected answer cost is spent all the same
+        saved = 0.0 if trace.verdict == "failed" else price.saved - rejected
         timings = trace.backend_timings or {}
         return {
             "request_id": trace.request_id, "created_at": trace.started_at, "alias": trace.alias,
@@ -73,9 +76,23 @@ class Recorder:
             "latency_s": trace.latency_s, "ttft_s": trace.ttft_s, "decode_tps": trace.decode_tps,
             "generation_s": trace.generation_s, "error_class": trace.error_class, "error": trace.error,
             "key_id": trace.key_id, "source": trace.source, "reference_model": self.settings.reference_model,
-            "reference_cost": price.reference, "local_cost": price.local, "saved": price.saved,
+            "reference_cost": price.reference, "local_cost": price.local + rejected, "saved": saved,
             "requested_model": trace.requested_model, "cache_creation_tokens": None, "cache_read_tokens": None,
+            "verdict": trace.verdict, "escalations": trace.escalations,
+            "checks": [{"deployment": j.deployment_id, "model": j.model, "passed": j.passed, "check": j.check,
+                        "reason": j.reason, "prompt_tokens": j.prompt_tokens, "completion_tokens": j.completion_tokens}
+                       for j in trace.judged],
         }
+
+    def _rejected_cost(self, trace: RequestTrace) -> float:
+        """What the answers the checks rejected cost to make (every judged answer but the one the client got)."""
+        total = 0.0
+        for j in trace.judged[:-1]:
+            price = costs(self.settings.reference_model, self.deployments.get(j.deployment_id or ""), j.prompt_tokens,
+                          j.completion_tokens, j.generation_s, delivered=False,
+                          usd_per_kwh=self.settings.electricity_usd_per_kwh, default_watts=self.settings.default_power_watts)
+            total += price.local
+        return total
 
     def _passed_through(self, trace: RequestTrace, chain: list[str], attempts: list[dict[str, Any]],
                         delivered: bool) -> dict[str, Any]:
@@ -103,7 +120,7 @@ class Recorder:
             "key_id": trace.key_id, "source": trace.source, "reference_model": cloud.model,
             "reference_cost": cost, "local_cost": cost, "saved": 0.0,
             "requested_model": trace.requested_model, "cache_creation_tokens": cloud.cache_creation_tokens,
-            "cache_read_tokens": cloud.cache_read_tokens,
+            "cache_read_tokens": cloud.cache_read_tokens, "verdict": None, "escalations": 0, "checks": [],
         }
 
     async def record(self, trace: RequestTrace) -> None:

@@ -2,9 +2,10 @@
 
 It carries what the old `llm_metrics.py --days 7` printed (calls, tokens in and out, average latency,
 the three money lines) plus success and fallback rates and a breakdown by task, model, day, key, source or Claude
-tier. Requests passed through to Anthropic (the Messages API) are Claude spend, counted apart from the delegated
-work: "Claude spend through Delegate $A; delegated work Claude would have cost $B, ran locally for $C; saved B-C,
-which is N% of A+B".
+tier, with what the answer checks said (savings count only answers that passed), the escalations and their
+cost, and how often `auto` chose each alias. Requests passed through to Anthropic (the Messages API) are Claude
+spend, counted apart from the delegated work: "Claude spend through Delegate $A; delegated work Claude would
+have cost $B, ran locally for $C; saved B-C, which is N% of A+B".
 Costs were priced when each row was written (proxy/usage/pricing.py), so this module only adds them up and
 must not import litellm: `delegate report` answers at once.
 """
@@ -51,6 +52,11 @@ class Totals:
     local_cost: float = 0.0  # delegated work: what it cost here
     claude_calls: int = 0  # requests passed through to Anthropic (a Claude model, or a tier's fallback)
     claude_spend: float = 0.0  # what they cost at Anthropic
+    checked: int = 0  # answers an alias's checks judged (proxy/routing/answer_checks.py)
+    failed_checks: int = 0  # ...that the client got marked failed: their cost counts, their savings do not
+    escalated: int = 0  # requests sent on because an answer failed its checks
+    escalation_cost: float = 0.0  # what those requests cost in all
+    auto_chosen: int = 0  # requests whose alias `model="auto"` chose
     reference_models: set[str] = field(default_factory=set)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -64,7 +70,16 @@ class Totals:
             self.claude_calls += 1
             self.claude_spend += row["local_cost"] or 0.0
             return
-        self.reference_cost += row["reference_cost"] or 0.0
+        self.auto_chosen += row.get("requested_model") == "auto"
+        verdict = row.get("verdict")
+        self.checked += verdict is not None
+        self.failed_checks += verdict == "failed"
+        if row.get("escalations"):
+            self.escalated += 1
+            self.escalation_cost += row["local_cost"] or 0.0
+        # savings count only answers that passed their checks (or had none); what a failed one cost was spent
+        if verdict != "failed":
+            self.reference_cost += row["reference_cost"] or 0.0
         self.local_cost += row["local_cost"] or 0.0
         self.reference_models.add(row["reference_model"])
 
@@ -179,19 +194,26 @@ def render_table(report: Report) -> str:
     console.print(f"   Avg latency: {t.avg_latency_s:.1f}s")
     console.print(f"   Success rate: {_pct(t.success_rate)}   Fallback rate: {_pct(t.fallback_rate)}")
     console.print()
-    for line in money_lines(t, reference):
+    for line in [*money_lines(t, reference), *check_lines(t)]:
         console.print(line)
     console.print()
     spend = t.claude_calls > 0  # a column for what passed through, when anything did
+    escalated, auto = t.escalated > 0, t.auto_chosen > 0
     table = Table(title=f"By {report.by}", title_justify="left")
     for name in (report.by, "calls", "tokens in", "tokens out", "avg latency", "success", "fallback",
+                 *(["escalated"] if escalated else []), *(["auto"] if auto else []),
                  *(["Claude spend"] if spend else []), "Claude would cost", "local cost", "saved"):
         table.add_column(name, justify="left" if name == report.by else "right")
     for key, g in report.groups.items():
         table.add_row(key, f"{g.calls:,}", f"{g.tokens_in:,}", f"{g.tokens_out:,}", f"{g.avg_latency_s:.1f}s",
-                      _pct(g.success_rate), _pct(g.fallback_rate), *([money(g.claude_spend)] if spend else []),
+                      _pct(g.success_rate), _pct(g.fallback_rate),
+                      *([f"{g.escalated:,}"] if escalated else []),
+                      *([f"{g.auto_chosen:,}"] if auto else []), *([money(g.claude_spend)] if spend else []),
                       money(g.reference_cost), money(g.local_cost), money(g.saved))
     console.print(table)
+    if escalated:
+        console.print("   Escalations and their cost: " + ", ".join(
+            f"{key} {g.escalated:,} ({money(g.escalation_cost)})" for key, g in report.groups.items() if g.escalated))
     return buf.getvalue()
 
 
@@ -211,6 +233,17 @@ def money_lines(t: Totals, reference: str) -> list[str]:
             f"   Saved: {money(t.saved)}{share}"]
 
 
+def check_lines(t: Totals) -> list[str]:
+    """What the answer checks said, when any answer was checked, and how often `auto` chose the alias."""
+    lines = []
+    if t.checked:
+        lines.append(f"   Checked answers: {t.checked:,}, {t.failed_checks:,} failed (their savings not counted); "
+                     f"escalated {t.escalated:,} requests, costing {money(t.escalation_cost)}")
+    if t.auto_chosen:
+        lines.append(f"   Alias chosen by auto: {t.auto_chosen:,} requests")
+    return lines
+
+
 def render_json(report: Report) -> str:
     return json.dumps(report.as_dict(), indent=2)
 
@@ -218,7 +251,8 @@ def render_json(report: Report) -> str:
 def render_csv(report: Report) -> str:
     buf = io.StringIO()
     fields = ["group", "calls", "successes", "fell_back", "tokens_in", "tokens_out", "avg_latency_s", "success_rate",
-              "fallback_rate", "claude_spend", "reference_cost", "local_cost", "saved", "saved_pct", "saved_share_pct"]
+              "fallback_rate", "checked", "failed_checks", "escalated", "escalation_cost", "auto_chosen", "claude_spend",
+              "reference_cost", "local_cost", "saved", "saved_pct", "saved_share_pct"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for key, g in [*report.groups.items(), ("TOTAL", report.total)]:

@@ -52,7 +52,8 @@ def page_data(rows: list[dict[str, Any]], days: int, reference_model: str, now: 
             "by_source": {k: v.as_dict() for k, v in by_source.groups.items()},
             "by_tier": {k: v.as_dict() for k, v in by_tier.groups.items()},
             "recent": [{k: r[k] for k in ("request_id", "created_at", "alias", "model", "status", "prompt_tokens",
-                                          "completion_tokens", "latency_s", "saved")} for r in recent]}
+                                          "completion_tokens", "latency_s", "saved", "verdict", "escalations")}
+                       for r in recent]}
 
 
 def _no_key_in_url(request: Request) -> None:

@@ -3,6 +3,8 @@
 GET /spend/logs            rows in LiteLLM's SpendLogs shape, with our `saved` and `reference_cost`
 GET /global/spend/report   spend per day, grouped by api_key, model, task or Claude tier
 A request passed through to Anthropic (the Messages API) is spend too, and its `total_claude_spend`; it saved nothing.
+An answer that failed its alias's checks saved nothing either; each group says how many failed, escalated (and at
+what cost) and were routed by `model="auto"`.
 Both take the master key when one is set; without one, only clients on this machine and never an issued
 key (auth.py's check_admin).
 """
@@ -71,7 +73,10 @@ def spend_log(row: dict[str, Any]) -> dict[str, Any]:
                      # Anthropic's Messages API: the model asked for, and what Anthropic served and cached
                      "requested_model": row.get("requested_model"), "passed_through": passed_through(row),
                      "cache_creation_input_tokens": row.get("cache_creation_tokens"),
-                     "cache_read_input_tokens": row.get("cache_read_tokens")},
+                     "cache_read_input_tokens": row.get("cache_read_tokens"),
+                     # answer checks: the verdict on what the client got, the escalations, each judged answer
+                     "verdict": row.get("verdict"), "escalations": row.get("escalations") or 0,
+                     "checks": row.get("checks") or [], "auto": row.get("requested_model") == "auto"},
         "cache_hit": "False",
         "cache_key": "",
         "request_tags": [],
@@ -123,10 +128,17 @@ class SpendAPI:
                     m["spend"] += r["local_cost"]
                     m["saved"] += r["saved"]
                     m["total_tokens"] += r["prompt_tokens"] + r["completion_tokens"]
+                escalated = [r for r in members if r.get("escalations")]
                 entries.append({group_by: name, "total_spend": sum(r["local_cost"] for r in members),
-                                "total_reference_cost": sum(r["reference_cost"] for r in members if not passed_through(r)),
+                                # delegated work that passed its checks (or had none): what Claude would have cost
+                                "total_reference_cost": sum(r["reference_cost"] for r in members
+                                                            if not passed_through(r) and r.get("verdict") != "failed"),
                                 "total_claude_spend": sum(r["local_cost"] for r in members if passed_through(r)),
                                 "total_saved": sum(r["saved"] for r in members), "requests": len(members),
+                                "failed_checks": sum(r.get("verdict") == "failed" for r in members),
+                                "escalations": len(escalated),
+                                "total_escalation_cost": sum(r["local_cost"] for r in escalated),
+                                "auto_chosen": sum(r.get("requested_model") == "auto" for r in members),
                                 "metadata": [{"model": k, **v} for k, v in sorted(per_model.items())]})
             out.append({"group_by_day": day, f"{group_by}s": entries})
         return json_response(out)

@@ -28,6 +28,7 @@ COLUMNS = (
     "generation_s", "error_class", "error", "key_id", "reference_model", "reference_cost", "local_cost", "saved",
     "source",  # m004
     "requested_model", "cache_creation_tokens", "cache_read_tokens",  # m005
+    "verdict", "escalations", "checks",  # m006
 )
 PASSTHROUGH = "anthropic"  # served_by of a request Anthropic served: passed through (proxy/server/passthrough.py)
 
@@ -125,7 +126,17 @@ def m005_messages(db: Database) -> None:
     db.execute("ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys, m003_holds, m004_source, m005_messages]
+def m006_checks(db: Database) -> None:
+    """Checked answers (proxy/routing/answer_checks.py): what the checks said of the answer the client got
+    (passed, failed; NULL where its alias checks nothing), how often the request was sent on because an answer
+    failed, and each judged answer with its verdict. Savings count only answers that did not fail."""
+    db.execute("ALTER TABLE usage ADD COLUMN verdict TEXT")
+    db.execute("ALTER TABLE usage ADD COLUMN escalations INTEGER")  # NULL in rows written before: none
+    db.execute("ALTER TABLE usage ADD COLUMN checks TEXT")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [m001_usage, m002_keys, m003_holds, m004_source, m005_messages,
+                                                m006_checks]
 
 
 # --- the two databases -----------------------------------------------------------------------------------
@@ -311,6 +322,8 @@ class UsageStore:
         for values in self.db.execute(sql, params):
             row = dict(zip(COLUMNS, values, strict=True))
             row["attempts"] = json.loads(row["attempts"] or "[]")
+            row["checks"] = json.loads(row["checks"] or "[]")
+            row["escalations"] = row["escalations"] or 0
             row["stream"] = bool(row["stream"])
             out.append(row)
         return out

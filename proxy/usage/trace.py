@@ -49,6 +49,20 @@ class CloudUsage:
     cache_read_tokens: int = 0
 
 
+@dataclass
+class Judged:
+    """One answer an alias's checks judged (proxy/routing/answer_checks.py), with what it took to make."""
+
+    deployment_id: str | None
+    model: str | None
+    passed: bool
+    check: str | None = None  # the check it failed
+    reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generation_s: float = 0.0
+
+
 Sink = Callable[["RequestTrace"], Awaitable[None]]
 
 
@@ -77,9 +91,35 @@ class RequestTrace:
     prompt: Any = field(default=None, repr=False)  # the messages or prompt, to estimate tokens if usage never comes
     litellm_cost: float | None = None  # LiteLLM's own price for the deployment that served (cloud)
     cloud: CloudUsage | None = None  # passed through to Anthropic, not served by a deployment
-    requested_model: str | None = None  # the model the client named, on the Messages API (a Claude model or an alias)
+    requested_model: str | None = None  # the model the client named when it was not the alias: a Claude model, auto
+    judged: list[Judged] = field(default_factory=list)  # the answers the alias's checks judged, in order
+    escalations: int = 0  # times the request was sent on because an answer failed its checks
     sink: Sink | None = field(default=None, repr=False)  # where the finished trace goes (the proxy's recorder)
     _success_seen: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _answers_due: int = field(default=1, repr=False)  # LiteLLM success events to wait for: one per answer asked for
+    _answers_seen: int = field(default=0, repr=False)
+
+    def asking_again(self) -> None:
+        """Another answer is asked for (an escalation): the row waits for its success event too."""
+        self._answers_due += 1
+        self._success_seen.clear()
+
+    def answer_never_came(self) -> None:
+        self._answers_due -= 1
+        if self._answers_seen >= self._answers_due:
+            self._success_seen.set()
+
+    def answer_logged(self) -> None:
+        self._answers_seen += 1
+        if self._answers_seen >= self._answers_due:
+            self._success_seen.set()
+
+    @property
+    def verdict(self) -> str | None:
+        """passed | failed: what the checks said of the answer the client got; None where nothing was checked."""
+        if not self.judged:
+            return None
+        return "passed" if self.judged[-1].passed else "failed"
 
     @property
     def latency_s(self) -> float:
@@ -190,7 +230,7 @@ class UsageLogger(CustomLogger):
         model_id = str(slo.get("model_id") or "")
         trace.attempts.append(Attempt(deployment_id=model_id, model=str(kwargs.get("model")), ok=True))
         trace.litellm_cost = slo.get("response_cost")
-        trace._success_seen.set()
+        trace.answer_logged()
 
 
 usage_logger = UsageLogger()

@@ -30,6 +30,7 @@ def test_delegate_answers_with_the_old_response_fields(real_proxy: str, at) -> N
     assert r.success and r.error is None
     assert "Paris" in r.text
     assert (r.model, r.backend, r.fallbacks) == ("smollm2", "tinygrad", 1)
+    assert (r.check, r.escalations) == ("passed", 0)  # the shipped config checks every alias's answers
     assert 1 <= r.tokens <= 10 and r.latency_ms > 0 and r.tokens_per_sec > 0
     assert str(r) == r.text
 

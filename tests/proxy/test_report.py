@@ -145,3 +145,23 @@ def test_report_cli_does_not_import_litellm() -> None:
     code = ("import sys; from proxy.client.cli import main; main(['report', '--days', '1']); "
             "assert 'litellm' not in sys.modules, 'litellm imported'")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+
+
+def test_savings_count_only_answers_that_passed_and_escalations_show_what_they_cost() -> None:
+    rows = [row(0, verdict="passed"),
+            row(1, verdict="failed", saved=0.0),  # its cost was spent; Claude's price for it is not a saving
+            row(2, verdict="passed", escalations=1, local_cost=0.002, saved=0.004, requested_model="auto"),
+            row(3, alias="quick", requested_model="auto")]
+    r = report.build(rows, None, datetime.now(UTC))
+    t = r.total
+    assert (t.checked, t.failed_checks, t.escalated, t.auto_chosen) == (3, 1, 1, 2)
+    assert t.reference_cost == pytest.approx(0.018)  # three answers counted, the failed one not
+    assert t.local_cost == pytest.approx(0.0023) and t.saved == pytest.approx(0.018 - 0.0023)
+    assert t.escalation_cost == pytest.approx(0.002)
+    assert (r.groups["coding"].escalated, r.groups["coding"].auto_chosen, r.groups["quick"].auto_chosen) == (1, 1, 1)
+    text = report.render_table(r)
+    assert "Checked answers: 3, 1 failed (their savings not counted); escalated 1 requests, costing $0.0020" in text
+    assert "Alias chosen by auto: 2 requests" in text
+    assert "Escalations and their cost: coding 1 ($0.0020)" in text
+    lines = {x["group"]: x for x in csv.DictReader(io.StringIO(report.render_csv(r)))}
+    assert lines["coding"]["failed_checks"] == "1" and lines["TOTAL"]["auto_chosen"] == "2"
