@@ -41,44 +41,29 @@ class Completions:
         self.proxy = proxy
 
     async def chat(self, request: Request) -> Response:
-        p = self.proxy
-        caller, body = await p.admission.read(request)
-        validation.check_keys(body)
-        alias = validation.check_model(body, p.known, p.settings.aliases)
-        validation.check_messages(body)
-        validation.check_common(body)
-        validation.check_tools(body)
-        asked = alias
-        alias = p.admission.resolve(caller, alias, body["messages"])
-        hold = await p.admission.admit(caller, alias, body, body["messages"])
-        trace = p.usage.begin(alias, "chat", bool(body.get("stream")), caller.key_id, p.recorder.record,
-                              source=source_of(request.headers.get(SOURCE_HEADER)))
-        trace.hold, trace.requested_model = hold, asked if asked != alias else None
-        trace.prompt = body["messages"]
-        kwargs = {**self._kwargs(trace, body), "messages": body["messages"]}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._complete(trace, kwargs, include_usage, p.router.acompletion, chat_dict, chat_chunk,
-                                    body.get("response_format"))
+        return await self._serve(request, "chat", _chat_prompt, "messages", self.proxy.router.acompletion,
+                                 chat_dict, chat_chunk)
 
     async def text(self, request: Request) -> Response:
+        return await self._serve(request, "text", _text_prompt, "prompt", self.proxy.router.atext_completion,
+                                 text_dict, text_chunk)
+
+    async def _serve(self, request: Request, endpoint: str, read_prompt: Callable[[dict[str, Any]], Any], field: str,
+                     call: Any, to_dict: Any, to_chunk: Any) -> Response:
         p = self.proxy
         caller, body = await p.admission.read(request)
         validation.check_keys(body)
-        alias = validation.check_model(body, p.known, p.settings.aliases)
-        validation.check_prompt(body)
-        validation.check_common(body)
-        asked = alias
-        alias = p.admission.resolve(caller, alias, body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"])
-        hold = await p.admission.admit(caller, alias, body, body["prompt"])
-        trace = p.usage.begin(alias, "text", bool(body.get("stream")), caller.key_id, p.recorder.record,
+        asked = validation.check_model(body, p.known, p.settings.aliases)
+        prompt = read_prompt(body)
+        alias = p.admission.resolve(caller, asked, prompt)
+        hold = await p.admission.admit(caller, alias, body, body[field])
+        trace = p.usage.begin(alias, endpoint, bool(body.get("stream")), caller.key_id, p.recorder.record,
                               source=source_of(request.headers.get(SOURCE_HEADER)))
         trace.hold, trace.requested_model = hold, asked if asked != alias else None
-        prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
         trace.prompt = prompt
-        kwargs = {**self._kwargs(trace, body), "prompt": prompt}
+        kwargs = {**self._kwargs(trace, body), field: prompt}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._complete(trace, kwargs, include_usage, p.router.atext_completion, text_dict, text_chunk,
-                                    None)
+        return await self._complete(trace, kwargs, include_usage, call, to_dict, to_chunk, body.get("response_format"))
 
     def _kwargs(self, trace: RequestTrace, body: dict[str, Any]) -> dict[str, Any]:
         metadata = {"delegate_request_id": trace.request_id}
@@ -168,6 +153,19 @@ class Completions:
             self.proxy.usage.end(trace, status, error)
             await close_backend(stream)
         yield DONE
+
+
+def _chat_prompt(body: dict[str, Any]) -> Any:
+    validation.check_messages(body)
+    validation.check_common(body)
+    validation.check_tools(body)
+    return body["messages"]
+
+
+def _text_prompt(body: dict[str, Any]) -> Any:
+    validation.check_prompt(body)
+    validation.check_common(body)
+    return body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
 
 
 class Said:
