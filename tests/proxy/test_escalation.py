@@ -102,6 +102,14 @@ def test_an_answer_whose_code_does_not_parse_goes_on_down_the_chain(tmp_path: Pa
     # both answers drew power; the saving is what the reference would have cost less both
     assert row["local_cost"] > 0 and row["saved"] == pytest.approx(row["reference_cost"] - row["local_cost"])
 
+    log, = httpx.get(proxy.url + "/spend/logs", timeout=30).json()
+    assert (log["metadata"]["verdict"], log["metadata"]["escalations"]) == ("passed", 1)
+    assert [c["passed"] for c in log["metadata"]["checks"]] == [False, True]
+    day, = httpx.get(proxy.url + "/global/spend/report", params={"group_by": "task"}, timeout=30).json()
+    entry, = day["tasks"]
+    assert (entry["task"], entry["escalations"], entry["failed_checks"]) == ("coding", 1, 0)
+    assert entry["total_escalation_cost"] == pytest.approx(row["local_cost"])
+
 
 def test_escalate_to_a_cloud_model_is_priced_from_litellms_table(tmp_path: Path, fake_backend, start_proxy, cloud) -> None:  # type: ignore[no-untyped-def]
     weak, weak_url = fake_backend("weak", reply=BROKEN)
