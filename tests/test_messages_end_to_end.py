@@ -33,26 +33,48 @@ def test_sync(real_proxy: str) -> None:
 
 
 def test_async_and_streaming(real_proxy: str) -> None:
-    async def run() -> tuple[anthropic.types.Message, list[str], anthropic.types.Message]:
+    async def run() -> tuple[anthropic.types.Message, list[str], list[int | None], anthropic.types.Message]:
         c = anthropic.AsyncAnthropic(base_url=real_proxy, api_key="sk-local", max_retries=0, timeout=300)
         whole = await c.messages.create(model=HAIKU, max_tokens=10, extra_body=GREEDY, messages=PARIS)
-        kinds = []
+        kinds, inputs = [], []
         async with c.messages.stream(model=HAIKU, max_tokens=10, extra_body=GREEDY, messages=PARIS) as s:
             async for ev in s:
                 kinds.append(ev.type)
+                if ev.type == "message_start":
+                    inputs.append(ev.message.usage.input_tokens)
+                elif ev.type == "message_delta":
+                    inputs.append(ev.usage.input_tokens)
             final = await s.get_final_message()
-        return whole, kinds, final
+        return whole, kinds, inputs, final
 
-    whole, kinds, final = asyncio.run(run())
+    whole, kinds, inputs, final = asyncio.run(run())
     assert final.content[0].text == whole.content[0].text  # type: ignore[union-attr]  # greedy: the same answer
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "content_block_delta" in kinds
     assert final.usage.input_tokens == whole.usage.input_tokens and final.usage.output_tokens >= 1
+    # message_start already says how long the prompt is (the backend counted it as the stream opened), and
+    # message_delta says it again with the output tokens
+    assert inputs == [whole.usage.input_tokens, whole.usage.input_tokens]
 
 
-def test_count_tokens_is_an_error_not_a_guess(real_proxy: str) -> None:
-    with pytest.raises(anthropic.NotFoundError) as e:
-        sdk(real_proxy).messages.count_tokens(model=HAIKU, messages=PARIS)
-    assert "token counting is not available" in e.value.message
+@pytest.mark.parametrize("request_", [
+    {"messages": PARIS},
+    {"messages": PARIS, "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+     "tools": [WEATHER]},
+    {"messages": [{"role": "user", "content": "What is the weather in Paris?"},
+                  {"role": "assistant", "content": [
+                      {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                  {"role": "user", "content": [
+                      {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny, 21 C"}]}],
+     "tools": [WEATHER], "tool_choice": {"type": "auto"}},
+], ids=["plain", "system-and-tools", "tool-round"])
+def test_count_tokens_is_the_input_tokens_the_request_is_served_with(real_proxy: str, request_: dict) -> None:
+    """Counted by the backend that serves it (the quick chain's Ollama cannot be reached here), with its own
+    tokenizer and template, on the translation /v1/messages makes: the count is the served usage, never a guess."""
+    c = sdk(real_proxy)
+    counted = c.messages.with_raw_response.count_tokens(model=HAIKU, **request_)
+    served = c.messages.create(model=HAIKU, max_tokens=1, extra_body=GREEDY, **request_)
+    assert counted.parse().input_tokens == served.usage.input_tokens > 10
+    assert counted.headers["x-delegate-served-by"] == "tinygrad/smollm2" and counted.headers["x-delegate-alias"] == "quick"
 
 
 def test_tool_use_from_the_local_model(real_proxy: str) -> None:

@@ -7,6 +7,9 @@ Beyond OpenAI's own sampling fields the routes take llama.cpp server's (`top_k`,
 `repeat_last_n`); `response_format` (json_object, json_schema) and `tools` are held to their schemas by a
 grammar (constraints.py, tool_calls.py). Defaults: OpenAI's where it has one (top_p 1, no penalties),
 Ollama's where it has none (top_k 40), and llama.cpp's and Ollama's temperature, 0.8.
+
+A chat body is read, checked and rendered to its prompt by `read_chat`, which /v1/chat/tokenize
+(tokenize_api.py) shares, so a count there is the `usage.prompt_tokens` here.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -196,14 +200,27 @@ def _constraint(req: _Common, tools: Tools | None) -> tuple[Any, str] | None:
     return (json_schema, "response_format") if wants_json else None
 
 
-async def _submit(backend: Backend, req: _Common, prompt: list[int], params: SamplingParams,
-                  tools: Tools | None = None) -> Generation:
-    how = _constraint(req, tools)
+async def _submit(backend: Backend, prompt: list[int], params: SamplingParams, how: tuple[Any, str] | None) -> Generation:
     constraint = await backend.constraint(how[0], how[1]) if how is not None else None
     return backend.submit(prompt, params, constraint)
 
 
-async def chat_completions(request: Request) -> Response:
+@dataclass(frozen=True)
+class ChatCall:
+    """A chat request read and checked, up to its prompt: what /v1/chat/completions generates from and what
+    /v1/chat/tokenize (tokenize_api.py) counts, so the two cannot disagree on a body or its prompt."""
+
+    backend: Backend
+    req: ChatRequest
+    tools: Tools | None
+    params: SamplingParams
+    prompt: list[int]
+    constraint: tuple[Any, str] | None  # what holds the answer to a grammar (not compiled yet), and its field
+
+
+async def read_chat(request: Request) -> ChatCall:
+    """The body checked as a chat completion takes it (the same 400s, in the same order), its prompt rendered by
+    the chat template with its tools, and the grammar it would need named, not compiled."""
     backend: Backend = request.app.state.backend
     req: ChatRequest = await parse(request, ChatRequest)
     if req.stream_options is not None and not req.stream:
@@ -213,7 +230,14 @@ async def chat_completions(request: Request) -> Response:
     backend.check_model(req.model)
     tools = read_tools(req.tools, req.tool_choice)
     params = req.sampling(backend.tokenizer.vocab_size, bool(req.logprobs), req.top_logprobs or 0)
-    gen = await _submit(backend, req, backend.chat_prompt(req.messages, tools), params, tools)
+    prompt = backend.chat_prompt(req.messages, tools)
+    return ChatCall(backend, req, tools, params, prompt, _constraint(req, tools))
+
+
+async def chat_completions(request: Request) -> Response:
+    call = await read_chat(request)
+    backend, req, tools = call.backend, call.req, call.tools
+    gen = await _submit(backend, call.prompt, call.params, call.constraint)
     offered = tools is not None and tools.offered
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": backend.model_id,
             "system_fingerprint": f"tinygrad-{backend.device}"}
@@ -267,7 +291,7 @@ async def completions(request: Request) -> Response:
         raise APIError(400, "prompt must not be empty", param="prompt")
     wants_logprobs = req.logprobs is not None
     params = req.sampling(backend.tokenizer.vocab_size, wants_logprobs, req.logprobs or 0)
-    gen = await _submit(backend, req, prompt, params)
+    gen = await _submit(backend, prompt, params, _constraint(req, None))
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": backend.model_id}
     legacy = _LegacyLogprobs() if wants_logprobs else None
     if req.stream:

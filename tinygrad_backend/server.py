@@ -1,4 +1,5 @@
-"""The HTTP server: the OpenAI and Ollama routes, /health, and errors in each API's shape."""
+"""The HTTP server: the OpenAI and Ollama routes, the prompt counter (/v1/chat/tokenize), /health, and errors in
+each API's shape."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from tinygrad_backend import ollama_api, openai_api
+from tinygrad_backend import ollama_api, openai_api, tokenize_api
 from tinygrad_backend.access import AccessControl
 from tinygrad_backend.errors import APIError, response
 from tinygrad_backend.service import Backend
@@ -51,7 +52,8 @@ def create_app(backend: Backend, api_key: str | None = None, loopback_only_hosts
     """The routes behind access control (access.py): an API key if one is given, loopback Host headers only
     when `loopback_only_hosts` (the server is bound to loopback), and a body size limit."""
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *openai_api.routes, *ollama_api.routes],
+        routes=[Route("/health", health, methods=["GET"]), *openai_api.routes, *tokenize_api.routes,
+                *ollama_api.routes],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
     )
     app.state.backend = backend

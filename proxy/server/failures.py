@@ -67,7 +67,7 @@ def _too_long(proxy: Proxy, trace: RequestTrace, too_long: list[Attempt], failed
             prompt_tokens = int(m.group(1))
     largest = max(((n, proxy.deployments[d].model) for d, n in contexts.items() if d in proxy.deployments), default=None)
     down = [a.deployment_id for a in failed if connection_failure(a.exception)]
-    candidates = proxy.chain_ids.get(trace.alias, []) + _context_fallback_ids(proxy, trace.alias)
+    candidates = proxy.chain_ids.get(trace.alias, []) + context_fallback_ids(proxy, trace.alias)
     tried = {a.deployment_id for a in failed}
     cooling = active_cooldowns(proxy.router, [i for i in candidates if i not in tried]) if candidates else {}
     larger = []
@@ -79,7 +79,7 @@ def _too_long(proxy: Proxy, trace: RequestTrace, too_long: list[Attempt], failed
                             param="prompt" if trace.endpoint == "text" else "messages")
 
 
-def _context_fallback_ids(proxy: Proxy, alias: str) -> list[str]:
+def context_fallback_ids(proxy: Proxy, alias: str) -> list[str]:
     """The deployments context_window_fallbacks can move a request for `alias` to, from any group of its chain."""
     chain = proxy.settings.chain(alias)
     groups = [g for entry in proxy.settings.router_settings.get("context_window_fallbacks") or []

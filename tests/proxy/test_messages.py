@@ -198,6 +198,8 @@ def test_keys_by_x_api_key_or_bearer_with_limits(tmp_path: Path, fake_backend, s
     with pytest.raises(anthropic.PermissionDeniedError) as denied:
         client(proxy, limited).messages.create(model=HAIKU, max_tokens=8, messages=hi)
     assert denied.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+    with pytest.raises(anthropic.PermissionDeniedError):  # nor may it have a count from the alias
+        client(proxy, limited).messages.count_tokens(model=HAIKU, messages=hi)
     rated, _ = keys.create(name="r", rpm=1)
     assert client(proxy, rated).messages.create(model=HAIKU, max_tokens=8, messages=hi).content
     with pytest.raises(anthropic.RateLimitError) as limited_e:
@@ -350,14 +352,105 @@ def test_what_a_local_model_cannot_take(setup) -> None:  # type: ignore[no-untyp
 # --- count_tokens and the model list -------------------------------------------------------------------------
 
 def test_count_tokens(setup) -> None:  # type: ignore[no-untyped-def]
-    proxy, _, fake = setup
+    proxy, backend, fake = setup
     c = client(proxy, CLAUDE_KEY)
     hi = [{"role": "user", "content": "hi"}]
     assert c.messages.count_tokens(model=SONNET, messages=hi).input_tokens == 4242
     assert fake.paths == ["/v1/messages/count_tokens"]
-    with pytest.raises(anthropic.NotFoundError) as e:  # no fake count for a local model
+    # the haiku tier would be served by an OpenAI-compatible server, which cannot count: an error, not a 0, and
+    # not Anthropic's count either (the request would not go there)
+    with pytest.raises(anthropic.NotFoundError) as e:
         c.messages.count_tokens(model=HAIKU, messages=hi)
-    assert "token counting is not available" in e.value.message
+    assert "token counting is not available" in e.value.message and "openai/local-model" in e.value.message
+    assert fake.paths == ["/v1/messages/count_tokens"] and backend.requests == []
+    with pytest.raises(anthropic.BadRequestError):  # checked as /v1/messages checks it
+        c.messages.count_tokens(model=HAIKU, messages=[])
+
+
+def _tinygrad_chain(tmp_path: Path, head: str, then: list[tuple[Any, ...]], upstream_url: str) -> Path:
+    """`quick`: a tinygrad deployment at `head`, then `then` as its fallbacks."""
+    deployments = [("quick", "tinygrad/smollm2", head), *then]
+    return write_config(tmp_path / "c.yaml", deployments, fallbacks={"quick": [d[0] for d in then]} if then else None,
+                        aliases=["quick"], delegate={"anthropic": {"base_url": upstream_url}})
+
+
+def test_count_tokens_goes_past_what_cannot_be_reached_to_what_would_serve(tmp_path: Path, fake_backend, start_proxy,  # type: ignore[no-untyped-def]
+                                                                           upstream) -> None:
+    """A tinygrad backend that refuses the connection is passed over, as serving passes it over; the Ollama
+    behind it would serve the request, and has no count: an error naming it."""
+    fake, upstream_url = upstream
+    _, ollama_url = fake_backend("ollama")
+    refused = f"http://127.0.0.1:{refused_port()}"
+    proxy = start_proxy(_tinygrad_chain(tmp_path, refused, [("slow", "ollama_chat/llama3.2:3b",
+                                                                 ollama_url.removesuffix("/v1"))], upstream_url))
+    r = httpx.post(proxy.url + "/v1/messages/count_tokens", headers={"x-api-key": CLAUDE_KEY},
+                   json={"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]})
+    assert _error(r) == (404, "not_found_error")
+    assert "ollama_chat/llama3.2:3b" in r.json()["error"]["message"] and "Ollama" in r.json()["error"]["message"]
+    assert fake.paths == []
+
+
+def test_count_tokens_with_nothing_local_reachable(tmp_path: Path, start_proxy, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Overloaded, as /v1/messages would answer; through a Claude tier with a key, Anthropic counts, since that is
+    where the request would go."""
+    fake, upstream_url = upstream
+    proxy = start_proxy(_tinygrad_chain(tmp_path, f"http://127.0.0.1:{refused_port()}", [], upstream_url))
+    hi = [{"role": "user", "content": "hi"}]
+    r = httpx.post(proxy.url + "/v1/messages/count_tokens", json={"model": HAIKU, "messages": hi})
+    assert _error(r) == (529, "overloaded_error") and "cannot count tokens now" in r.json()["error"]["message"]
+    assert "retry-after" in r.headers
+    assert client(proxy, CLAUDE_KEY).messages.count_tokens(model=HAIKU, messages=hi).input_tokens == 4242
+    assert fake.paths == ["/v1/messages/count_tokens"] and json.loads(fake.bodies[0])["model"] == HAIKU
+    with pytest.raises(anthropic.InternalServerError):  # an alias by name has no Claude model to go to
+        client(proxy, CLAUDE_KEY).messages.count_tokens(model="quick", messages=hi)
+
+
+def test_count_tokens_on_the_real_backend_skips_what_cools_down(tmp_path: Path, bundled_backend: str, fake_backend,  # type: ignore[no-untyped-def]
+                                                                start_proxy, upstream) -> None:
+    from proxy.routing.router import cool_down
+
+    _, url = fake_backend("other")
+    proxy = start_proxy(_tinygrad_chain(tmp_path, bundled_backend, [("other", "openai/other", url)], upstream[1]))
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    raw = client(proxy).messages.with_raw_response.count_tokens(model=HAIKU, messages=question)
+    assert raw.parse().input_tokens == 42  # the backend's own count of this prompt (tests/tinygrad_backend)
+    assert raw.headers["x-delegate-served-by"] == "tinygrad/smollm2"
+    # longer than the backend's 512 tokens: where a key lets the tier go to Claude, Claude counts; without one
+    # the request would be refused as too long, and the count says how long it is
+    long = [{"role": "user", "content": "word " * 600}]
+    assert client(proxy, CLAUDE_KEY).messages.count_tokens(model=HAIKU, messages=long).input_tokens == 4242
+    assert client(proxy).messages.count_tokens(model=HAIKU, messages=long).input_tokens > 512
+    state = proxy.server.config.app.state.proxy
+    cool_down(state.router, state.chain_ids["quick"][0], "test", 60)
+    with pytest.raises(anthropic.NotFoundError) as e:  # the Router would serve it by `other` now
+        client(proxy).messages.count_tokens(model=HAIKU, messages=question)
+    assert "openai/other" in e.value.message
+
+
+def test_the_count_reaches_the_backend_with_its_key(tmp_path: Path) -> None:
+    """The deployment's api_base (with or without /v1) and api_key, on the real backend app behind its key."""
+    import asyncio
+
+    from proxy import settings
+    from proxy.server.app import create_app
+    from proxy.server.errors import ProxyError
+    from proxy.server.token_count import TokenCounter
+    from tests.tinygrad_backend.loading_backend import loading_backend
+
+    key = "sk-backend-test"
+    with loading_backend(tmp_path, api_key=key) as url:
+        async def count(api_key: str) -> Any:
+            path = write_config(tmp_path / f"{api_key}.yaml",
+                                [("quick", "tinygrad/smollm2", url + "/v1", {"api_key": api_key})], aliases=["quick"])
+            async with httpx.AsyncClient() as http:
+                counter = TokenCounter(create_app(settings.load(path), None).state.proxy, lambda: http)
+                return await counter.count("quick", {"messages": [{"role": "user", "content": "hi"}]})
+
+        counted = asyncio.run(count(key))
+        assert counted.tokens > 0 and counted.context == 64 and counted.fits
+        with pytest.raises(ProxyError) as e:  # a wrong key fails the request too: passed over, and nothing is left
+            asyncio.run(count("sk-wrong"))
+        assert e.value.status == 503 and "HTTP 401" in e.value.message
 
 
 def test_model_list_in_anthropics_shape_for_anthropic_clients(setup) -> None:  # type: ignore[no-untyped-def]

@@ -98,16 +98,18 @@ def test_prompt_longer_than_context_is_400_before_generation(client: openai.Open
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
 ])
-def test_bad_requests_are_400_in_openai_shape(bundled_backend: str, body: dict, param: str) -> None:
-    r = httpx.post(bundled_backend + "/v1/chat/completions", json={"model": "smollm2", **body})
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/chat/tokenize"])  # the count reads a body alike
+def test_bad_requests_are_400_in_openai_shape(bundled_backend: str, body: dict, param: str, path: str) -> None:
+    r = httpx.post(bundled_backend + path, json={"model": "smollm2", **body})
     assert r.status_code == 400
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"].startswith(param)
 
 
-def test_malformed_json_is_400(bundled_backend: str) -> None:
-    r = httpx.post(bundled_backend + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/chat/tokenize"])
+def test_malformed_json_is_400(bundled_backend: str, path: str) -> None:
+    r = httpx.post(bundled_backend + path, content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
