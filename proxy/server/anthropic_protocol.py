@@ -19,6 +19,7 @@ a 503 (nothing can answer now) is Anthropic's 529 overloaded_error.
 
 from __future__ import annotations
 
+import json
 import uuid
 import warnings
 from typing import Any
@@ -253,3 +254,31 @@ def stream_error(status: int, message: str) -> bytes:
 def is_messages_path(path: str) -> bool:
     """A route of this API, whose errors (even the router's own 404 and 405) are in Anthropic's shape."""
     return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def message_events(message: dict[str, Any]) -> bytes:
+    """A whole message as Anthropic's event stream, for a stream held back until its answer was checked: each
+    block opened, its content in one delta, closed; then the stop reason and usage, as a live stream sends them."""
+    usage = message.get("usage") or usage_dict(0, 0)
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {**usage, "output_tokens": 0}}
+    out = [event({"type": "message_start", "message": start})]
+    for i, block in enumerate(message.get("content") or []):
+        if block.get("type") == "tool_use":
+            opened = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block.get("input") or {})}
+        else:
+            opened = {**block, "text": ""}
+            delta = {"type": "text_delta", "text": block.get("text") or ""}
+        out.append(event({"type": "content_block_start", "index": i, "content_block": opened}))
+        if i == 0:
+            out.append(PING)
+        out.append(event({"type": "content_block_delta", "index": i, "delta": delta}))
+        out.append(event({"type": "content_block_stop", "index": i}))
+    if not message.get("content"):
+        out.append(PING)
+    out.append(event({"type": "message_delta", "delta": {"stop_reason": message.get("stop_reason"),
+                                                         "stop_sequence": message.get("stop_sequence")},
+                      "usage": usage}))
+    out.append(event({"type": "message_stop"}))
+    return b"".join(out)

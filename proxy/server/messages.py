@@ -39,8 +39,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
+from proxy.routing.auto import AUTO
 from proxy.server import anthropic_protocol as protocol
-from proxy.server.ask_router import ChainFailed, answered, ask, count_whole
+from proxy.server import escalation
+from proxy.server.ask_router import ChainFailed, answered, count_whole
 from proxy.server.auth import Caller, bearer
 from proxy.server.completions import TracedStream, close_backend, count_cut_short
 from proxy.server.errors import ProxyError
@@ -134,7 +136,11 @@ class Messages:
         p = self.proxy
         caller, body = await p.admission.read(signed.request)
         model = protocol.check_model(body)
-        route = self._route(model)
+        if model == AUTO and p.auto.aliases:  # the alias chosen from the request itself (routing/auto.py)
+            protocol.check_messages(body)
+            route: Local | Cloud = Local(p.admission.resolve(caller, AUTO, _auto_prompt(body)))
+        else:
+            route = self._route(model)
         own_key = signed.own_key(caller, p)
         if isinstance(route, Cloud):  # as it came: Anthropic checks the rest of the body
             self.passthrough.upstream(signed.request.headers, own_key, model)  # no key: refused before the hold
@@ -189,11 +195,12 @@ class Messages:
             metadata["delegate_user"] = kwargs["user"]  # metadata.user_id, for providers LiteLLM would not hand it to
         kwargs = {**kwargs, "model": route.alias, "metadata": metadata}
         precount = None
-        if trace.stream:
+        held = escalation.holds_stream(p, trace)  # answered whole and checked before anything is sent
+        if trace.stream and not held:
             kwargs.update(stream=True, stream_options={"include_usage": True})
             precount = self._precount(route.alias, kwargs)
         try:
-            result = await ask(p, trace, p.router.acompletion, kwargs)
+            result = await escalation.ask_checked(p, trace, p.router.acompletion, kwargs, None)
         except ChainFailed as failed:
             if precount is not None:
                 precount.cancel()
@@ -202,10 +209,14 @@ class Messages:
             p.usage.end(trace, "error", failed.cause)
             return protocol.error_response(failed.error, p.served_headers(trace, None, max(failed.groups_tried - 1, 0)))
         _, headers, served_model = answered(p, trace, result)
-        if not trace.stream:
+        headers.update(escalation.verdict_headers(trace))
+        if not trace.stream or held:
             count_whole(trace, result)
             message = protocol.to_message(result, served_model, mapping)
             p.usage.end(trace, "success")
+            if held:
+                return Response(protocol.message_events(message), media_type="text/event-stream",
+                                headers={**headers, "Cache-Control": "no-cache"})
             return json_response(message, headers=headers)
         events = self._events(trace, result, served_model, mapping, precount)
         return TracedStream(events, partial(self._stream_closed, trace, result, events),
@@ -271,6 +282,8 @@ class Messages:
         error: BaseException | None = None
         pinged = False
         precounted = 0
+        said: list[str] = []  # the text, for a checked alias's verdict once the stream is sent
+        tool_calls, stop_reason = 0, None
         try:
             async for data in AnthropicStreamWrapper(completion_stream=self._tap(trace, stream),  # type: ignore[arg-type]
                                                      model=model,
@@ -282,12 +295,16 @@ class Messages:
                     precounted = await self._precounted(trace, precount)
                     data["message"]["id"] = protocol.message_id()
                     data["message"]["usage"] = protocol.usage_dict(precounted, 0)
+                elif kind == "content_block_start":
+                    tool_calls += (data.get("content_block") or {}).get("type") == "tool_use"
                 elif kind == "content_block_delta":
+                    said.append((data.get("delta") or {}).get("text") or "")
                     trace.delivered += 1
                     if trace.first_token_at is None:
                         trace.first_token_at = time.perf_counter()
                 elif kind == "message_delta":
                     data["delta"] = {"stop_sequence": None, **(data.get("delta") or {})}
+                    stop_reason = data["delta"].get("stop_reason")
                     usage = {**protocol.usage_dict(0, 0), **(data.get("usage") or {})}
                     # the adapter's counts (from the backend's usage chunk), else the tap's, else the precount
                     usage["input_tokens"] = usage["input_tokens"] or trace.prompt_tokens or precounted
@@ -313,6 +330,9 @@ class Messages:
             trace.finished_at = time.perf_counter()
             if status != "success":
                 count_cut_short(trace, model)
+            else:
+                escalation.judge_stream(self.proxy, trace, "".join(said), tool_calls,
+                                        "length" if stop_reason == "max_tokens" else stop_reason, None)
             self.proxy.usage.end(trace, status, error)
             await close_backend(stream)
 
@@ -404,7 +424,11 @@ class Messages:
         p = self.proxy
         caller, body = await p.admission.read(signed.request)
         model = protocol.check_model(body)
-        route = self._route(model)
+        if model == AUTO and p.auto.aliases:  # the alias chosen from the request itself (routing/auto.py)
+            protocol.check_messages(body)
+            route: Local | Cloud = Local(p.admission.resolve(caller, AUTO, _auto_prompt(body)))
+        else:
+            route = self._route(model)
         own_key = signed.own_key(caller, p)
         if isinstance(route, Cloud):
             return await self._anthropic_count(signed, own_key, model)
@@ -456,6 +480,9 @@ class Messages:
             data.append({"type": "model", "id": model, "display_name": f"{model} ({served})", "created_at": created})
         for alias in self.proxy.settings.aliases:
             data.append({"type": "model", "id": alias, "display_name": f"Delegate alias {alias}", "created_at": created})
+        if self.proxy.auto.aliases:
+            data.append({"type": "model", "id": AUTO, "display_name": "Delegate picks the alias from the request",
+                         "created_at": created})
         return json_response({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None})
 
@@ -466,6 +493,12 @@ def claude_models() -> list[str]:
              if isinstance(info, dict) and info.get("litellm_provider") == "anthropic" and name.startswith("claude")
              and info.get("mode", "chat") == "chat"}
     return sorted(names, reverse=True)
+
+
+def _auto_prompt(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """What `auto` reads of a Messages API request: its system prompt (a string or blocks) and its messages."""
+    system = body.get("system")
+    return [*([{"role": "system", "content": system}] if system else []), *body["messages"]]
 
 
 def _prompt(body: dict[str, Any]) -> Any:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -243,3 +244,57 @@ def test_the_shipped_config_checks_every_alias() -> None:
     assert set(checks) == set(settings.load(ROOT / "config.yaml").aliases)
     assert checks["coding"].names == ("not_empty", "not_repetitive", "code_parses")
     assert json.dumps(checks["review"].names) == '["not_empty", "not_repetitive", "review_findings"]'
+
+
+# --- the same through Anthropic's Messages API ---------------------------------------------------------
+
+def _messages_proxy(tmp_path: Path, fake_backend, start_proxy, stream: str) -> tuple[Any, Any, Any]:  # type: ignore[no-untyped-def]
+    weak, weak_url = fake_backend("weak", reply=BROKEN)
+    strong, strong_url = fake_backend("strong", reply=GOOD)
+    path = write_config(tmp_path / "c.yaml", [("coding", "openai/weak", weak_url), ("strong", "openai/strong", strong_url)],
+                        fallbacks={"coding": ["strong"]}, aliases=["coding"],
+                        delegate={"checks": {"aliases": {"coding": {"checks": ["code_parses"], "stream": stream}}},
+                                  "anthropic": {"tiers": {"claude-haiku-*": "coding"}}})
+    return start_proxy(path), weak, strong
+
+
+def test_a_messages_api_answer_that_fails_escalates_too(tmp_path: Path, fake_backend, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    proxy, weak, strong = _messages_proxy(tmp_path, fake_backend, start_proxy, "after")
+    claude = anthropic.Anthropic(base_url=proxy.url, api_key="sk-anything", max_retries=0)
+    raw = claude.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=64, messages=ASK)  # type: ignore[arg-type]
+    assert raw.parse().content[0].text == GOOD  # type: ignore[union-attr]
+    assert raw.headers["x-delegate-check"] == "passed" and raw.headers["x-delegate-escalations"] == "1"
+    # a stream is checked once it was sent: recorded, not escalated
+    with claude.messages.stream(model="claude-haiku-4-5", max_tokens=64, messages=ASK) as stream:  # type: ignore[arg-type]
+        assert stream.get_final_text() == BROKEN
+    rows = wait_rows(2)
+    assert [(r["endpoint"], r["verdict"], r["escalations"]) for r in rows] == [("messages", "passed", 1),
+                                                                              ("messages", "failed", 0)]
+
+
+def test_a_held_messages_stream_is_checked_and_escalated_before_it_is_sent(tmp_path: Path, fake_backend,  # type: ignore[no-untyped-def]
+                                                                         start_proxy) -> None:
+    proxy, weak, strong = _messages_proxy(tmp_path, fake_backend, start_proxy, "hold")
+    claude = anthropic.Anthropic(base_url=proxy.url, api_key="sk-anything", max_retries=0)
+    with claude.messages.stream(model="claude-haiku-4-5", max_tokens=64, messages=ASK) as stream:  # type: ignore[arg-type]
+        events = [event.type for event in stream]
+        message = stream.get_final_message()
+    assert message.content[0].text == GOOD and message.stop_reason == "end_turn"  # type: ignore[union-attr]
+    assert message.id.startswith("msg_") and message.usage.output_tokens > 0
+    assert events[0] == "message_start" and events[-1] == "message_stop" and "content_block_delta" in events
+    assert len(weak.requests) == 1 and len(strong.requests) == 1
+    row, = wait_rows(1)
+    assert row["verdict"] == "passed" and row["escalations"] == 1 and row["stream"]
+
+
+def test_auto_on_the_messages_api(tmp_path: Path, fake_backend, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    backends = {a: fake_backend(a) for a in ("coding", "translation")}
+    proxy = start_proxy(write_config(tmp_path / "c.yaml", [(a, f"openai/{a}-model", url) for a, (_, url) in backends.items()],
+                                     aliases=list(backends)))
+    claude = anthropic.Anthropic(base_url=proxy.url, api_key="sk-anything", max_retries=0)
+    raw = claude.messages.with_raw_response.create(model="auto", max_tokens=16, system="You translate.", messages=[
+        {"role": "user", "content": "Translate into Spanish: the shop opens at nine."}])
+    assert raw.headers["x-delegate-alias"] == "translation"
+    assert raw.parse().content[0].text == "answer from translation"  # type: ignore[union-attr]
+    row, = wait_rows(1)
+    assert (row["alias"], row["requested_model"]) == ("translation", "auto")
