@@ -227,15 +227,20 @@ def test_bad_checks_config_names_the_field(tmp_path: Path, checks: Any, message:
     assert message in str(e.value)
 
 
-def test_serve_with_an_escalation_to_a_missing_deployment_exits_2(tmp_path: Path) -> None:
-    path = _config(tmp_path, {"aliases": {"coding": {"checks": ["code_parses"], "escalate_to": "claude"}}})
-    result = subprocess.run([sys.executable, "-m", "proxy.client.cli", "serve", "--config", str(path), "--port",
-                             str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize(("checks", "error"), [
+    ({"aliases": {"coding": {"checks": ["code_parses"], "escalate_to": "claude"}}},
+     "error: delegate.checks.aliases.coding.escalate_to: no model_list entry has model_name 'claude' (known: coding, "
+     "quick, analysis, translation, creative, heavy, review, qwen2.5-coder:7b, deepseek-coder:6.7b, llama3.2:3b, "
+     "llama3.1:8b, smollm2)"),
+    ({"every_alias": ["not_empty", "compiles"]},
+     "error: delegate.checks.every_alias[1]: unknown check 'compiles'; the checks are not_empty, not_repetitive, "
+     "code_parses, json, review_findings"),
+])
+def test_serve_with_a_bad_check_or_escalation_exits_2(tmp_path: Path, checks: Any, error: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "proxy.client.cli", "serve", "--config", str(_config(tmp_path, checks)),
+                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: delegate.checks.aliases.coding.escalate_to: no model_list entry has model_name 'claude' "
-                      "(known: coding, quick, analysis, translation, creative, heavy, review, qwen2.5-coder:7b, "
-                      "deepseek-coder:6.7b, llama3.2:3b, llama3.1:8b, smollm2)"], result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [error], result.stderr
     assert "Traceback" not in result.stderr
 
 
