@@ -2,7 +2,7 @@
 
 Measured in one run, for both where it applies:
   decode tokens/s (median of 5 runs of 128 greedy tokens), and for ours one decode step split into time in
-  kernels and host time (the rest: Python, tinygrad's dispatch); decode tokens/s as a client sees it over
+  kernels and host time (the rest: Python, dispatch); decode tokens/s as a client sees it over
   HTTP streaming; prefill tokens/s and time to first token for
   128- and 512-token prompts, warm; start-up to ready, with tinygrad's kernel cache empty and filled;
   aggregate tokens/s and p95 time to first token at 1, 2 and 4 concurrent requests through the HTTP
@@ -103,7 +103,9 @@ def ours_in_process(model_path: Path, weights: str) -> dict[str, float]:
             seq.append(int(model.next_logits(seq).argmax()))
         decode.append(127 / (time.perf_counter() - start))
     result["decode_tps"] = statistics.median(decode)
-    if model.info.device == "CPU":  # one decode step: wall, kernels, host (the clock slows kernels a little)
+    # one decode step: wall, kernels (timed in C by our step runner, or from tinygrad's CPU queue with
+    # DELEGATE_STEP_RUNNER=0, which the clock slows a little), host
+    if model.info.device == "CPU":
         walls, kernels = [], []
         clock.on = True
         for _ in range(64):

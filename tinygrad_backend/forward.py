@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import cast
 
 from tinygrad import Tensor, UOp, dtypes, function
+from tinygrad.device import Buffer
 from tinygrad.llm.model import Transformer, TransformerBlock, TransformerConfig, precompute_freqs_cis
 from tinygrad.uop.ops import resolve
 
@@ -45,14 +46,24 @@ class SlotForward:
         room = c.max_context + chunk
         self.freqs = precompute_freqs_cis(c.rope_dim, room, c.rope_theta, device=net.token_embd.weight.device)
         self.freqs.realize()
-        for block in self.blocks:
-            # (keys and values, slot, kv head, position, head dim); zeros, realized, so the JITs capture real buffers.
-            # Half precision, as llama.cpp's default: half the memory (~200 MB for 4 slots of SmolLM2's 2k
-            # context) and half the bytes a decode step reads at a long position; arithmetic stays float
-            block.cache_kv = Tensor.zeros(2, slots, c.n_kv_heads, room, c.head_dim, dtype=dtypes.half,
-                                          device=self.freqs.device).contiguous().realize()
         # one kernel of ours for a step's attention, where it can run (the CPU)
         self.attention = AttentionKernel(c, slots, room, self.freqs.device)
+        for block in self.blocks:
+            # (keys and values, slot, kv head, position, head dim), realized, so the JITs capture real buffers.
+            # Half precision, as llama.cpp's default: half the memory (~180 MB for 4 slots of SmolLM2's 2k
+            # context) and half the bytes a decode step reads at a long position; arithmetic stays float.
+            # Our attention kernel reads only positions a token has written, so its cache needs no zeros: left
+            # unwritten, the CPU's fresh pages are not resident until used (the cache's memory grows with the
+            # positions the slots reach instead of all of it at start-up). tinygrad's attention reads stale
+            # positions under its mask, which must be finite: zeros.
+            shape = (2, slots, c.n_kv_heads, room, c.head_dim)
+            if self.attention.available:  # allocated as Tensor.from_blob does: a real buffer, nothing written
+                block.cache_kv = Tensor.empty(*shape, dtype=dtypes.half, device=self.freqs.device)
+                buffer = block.cache_kv.uop.buffer
+                assert isinstance(buffer, Buffer), "one device only"
+                buffer.allocate()
+            else:
+                block.cache_kv = Tensor.zeros(*shape, dtype=dtypes.half, device=self.freqs.device).contiguous().realize()
 
     def one_sequence(self, tokens: Tensor, slot: UOp, start_pos: UOp, last: UOp | None = None,
                      where: Tensor | None = None) -> Tensor:

@@ -22,10 +22,12 @@ from tinygrad.device import Buffer, LRUAllocator
 from tinygrad.helpers import getenv
 from tinygrad.llm.model import Transformer
 
+from tinygrad_backend import step_runner
 from tinygrad_backend.cpu_kernel import compiler_for
 from tinygrad_backend.forward import SlotForward
 from tinygrad_backend.gguf_file import GGUFHeader
 from tinygrad_backend.packed_weights import PackedBlock, PackedLinear, pack
+from tinygrad_backend.step_runner import Replay
 
 PREFILL_CHUNK = 32  # prompt tokens per prefill call, always this many (the last chunk padded): one concrete shape
 
@@ -85,10 +87,14 @@ def _pack(net: Transformer, header: GGUFHeader) -> None:
             block.packed = packed  # type: ignore[attr-defined]  # forward.py looks for it
             for name in PackedBlock.PROJECTIONS:
                 delattr(block, name)
-    weight = net.output.weight.float().numpy()
     name = "output.weight" if header.tensor("output.weight") else "token_embd.weight"
-    net.packed_output = PackedLinear(pack(header, name, weight), net.output.weight.device)  # type: ignore[attr-defined]
-    del net.output
+    output = net.output.weight
+    if output.uop is net.token_embd.weight.uop:  # tied (SmolLM2): pack the embedding we keep, read where it lies
+        weight = _host_array(net.token_embd.weight.realize())  # .numpy() copied it: 108 MB more at the load's peak
+    else:
+        weight = output.float().numpy()
+    net.packed_output = PackedLinear(pack(header, name, weight), output.device)  # type: ignore[attr-defined]
+    del net.output, output, weight
     Tensor.realize(*nn.state.get_parameters(net))  # what stays unpacked (norms, the embedding), loaded lazily
     # tinygrad's allocator keeps freed buffers for reuse; give the fp32 weights' memory back to the system
     gc.collect()
@@ -96,6 +102,15 @@ def _pack(net: Transformer, header: GGUFHeader) -> None:
     allocator = Device[device].allocator if isinstance(device, str) else None
     if isinstance(allocator, LRUAllocator):
         allocator.free_cache()
+
+
+def _host_array(t: Tensor) -> np.ndarray:
+    """A realized tensor's values as a numpy array: on the CPU its buffer itself (no copy; read only), else a copy."""
+    buffer = _buffer(t)
+    if compiler_for(buffer.device) is None:
+        return t.numpy()
+    view = buffer.as_memoryview(allow_zero_copy=True)  # the CPU allocator's own memory, after a synchronize
+    return np.frombuffer(view, dtype=np.dtype(t.dtype.fmt)).reshape(t.shape)
 
 
 def _uninitialized(*shape: int, low: float = 0.0, high: float = 1.0, dtype: Any = None, **kwargs: Any) -> Tensor:
@@ -144,7 +159,9 @@ class Model:
     """Next-token logits for up to `slots` sequences at once, each keeping its tokens in its own KV cache row."""
 
     def __init__(self, header: GGUFHeader, max_context: int | None, progress: Callable[[str], None] = print,
-                 weights: str = "auto", slots: int = 1) -> None:
+                 weights: str = "auto", slots: int = 1, runner: bool | None = None) -> None:
+        """`runner`: replay the JITs on the CPU through our step runner (step_runner.py) rather than tinygrad's
+        CPU queue; None: as the environment says (DELEGATE_STEP_RUNNER, on unless 0)."""
         context = min(max_context or header.context_length, header.context_length)
         start = time.perf_counter()
         self.weights = weight_mode(header, weights)
@@ -178,6 +195,18 @@ class Model:
         self._chunk = TinyJit(self._forward.one_sequence)
         self._token = TinyJit(self._forward.one_sequence)
         self._every = TinyJit(self._forward.every_slot)
+        # once captured, each JIT replays as one call of our C runner on the CPU (tinygrad's own replay dispatched
+        # its ~185 kernels a step from Python); the Tensor inputs are the InputBuffers above, in argument order
+        use = step_runner.enabled() if runner is None else runner
+        # and the variables each binds (our kernels take none but a chunk's `last`; tinygrad's attention, off the
+        # attention kernel's layouts, takes positions)
+        self.replays = {
+            "chunk": Replay(self._chunk, (self._chunk_tokens.tensor, self._chunk_where.tensor),
+                            ("slot", "start_pos", "last"), use),
+            "token": Replay(self._token, (self._one_token.tensor, self._one_where.tensor), ("slot", "start_pos"), use),
+            "every": Replay(self._every, (self._every_tokens.tensor, self._every_where.tensor),
+                            ("length", *(v.expr for v in self._positions)), use),
+        }
 
     @property
     def max_context(self) -> int:
@@ -206,24 +235,30 @@ class Model:
         pos = self.reusable_prefix(tokens, slot)
         end = len(tokens) if limit is None else min(len(tokens), pos + limit)
         out: Tensor | None = None
-        s = self._slot.bind(slot)
         while pos < end:
             n = min(PREFILL_CHUNK, end - pos)
-            sp = self._start.bind(pos)
-            if n == 1:
-                where = self._one_where.write((slot, pos))
-                out = self._token(self._one_token.write(tokens[pos]), s, sp, None, where)
-            else:
-                where = self._chunk_where.write(np.stack([np.full(PREFILL_CHUNK, slot), pos + self._offsets], axis=1))
-                chunk = tokens[pos:pos + n] + [0] * (PREFILL_CHUNK - n)
-                out = self._chunk(self._chunk_tokens.write(chunk), s, sp, self._last.bind(n - 1), where)
-            out.realize()  # realizing writes the KV cache
+            out = self._feed_one(tokens[pos], slot, pos) if n == 1 else self._feed_chunk(tokens[pos:pos + n], slot, pos)
             pos += n
             self._cached[slot] = tokens[:pos]
         if pos < len(tokens):
             return None
         assert out is not None
         return _read(out).reshape(-1)
+
+    def _feed_one(self, token: int, slot: int, pos: int) -> Tensor:
+        tokens, where = self._one_token.write(token), self._one_where.write((slot, pos))
+        # realizing writes the KV cache (our runner's replay has run when it returns)
+        return self.replays["token"](
+            lambda: self._token(tokens, self._slot.bind(slot), self._start.bind(pos), None, where).realize(),
+            slot=slot, start_pos=pos)
+
+    def _feed_chunk(self, chunk: list[int], slot: int, pos: int) -> Tensor:
+        n = len(chunk)
+        where = self._chunk_where.write(np.stack([np.full(PREFILL_CHUNK, slot), pos + self._offsets], axis=1))
+        tokens = self._chunk_tokens.write(chunk + [0] * (PREFILL_CHUNK - n))
+        return self.replays["chunk"](
+            lambda: self._chunk(tokens, self._slot.bind(slot), self._start.bind(pos), self._last.bind(n - 1), where).realize(),
+            slot=slot, start_pos=pos, last=n - 1)
 
     def next_logits(self, tokens: list[int], slot: int = 0) -> np.ndarray:
         """Logits for the token after `tokens`, feeding only what the slot's KV cache lacks. Shape (vocab,)."""
@@ -251,10 +286,11 @@ class Model:
             positions.append(len(seq) - 1)
             tokens.append(seq[-1])
         where = self._every_where.write(np.stack([np.arange(self.slots), positions], axis=1))
-        out = self._every(
-            self._every_tokens.write(np.array(tokens).reshape(-1, 1)), where, self._length.bind(max(positions) + 1),
-            *[v.bind(p) for v, p in zip(self._positions, positions, strict=True)],
-        ).realize()
+        tokens_in = self._every_tokens.write(np.array(tokens).reshape(-1, 1))
+        length = max(positions) + 1
+        out = self.replays["every"](lambda: self._every(
+            tokens_in, where, self._length.bind(length), *[v.bind(p) for v, p in zip(self._positions, positions, strict=True)],
+        ).realize(), length=length, **{v.expr: p for v, p in zip(self._positions, positions, strict=True)})
         logits = _read(out)
         for slot, seq in sequences.items():
             self._cached[slot] = list(seq)
@@ -275,4 +311,9 @@ class Model:
             self.next_logits([1], 1)
             self.step({0: seq + [0, 0], 1: [1, 0]})  # every slot
         self.forget()
-        progress(f"kernels compiled in {time.perf_counter() - start:.1f}s")
+        progress(f"kernels compiled in {time.perf_counter() - start:.1f}s; replayed by {self.replay_summary()}")
+
+    def replay_summary(self) -> str:
+        """Who replays each captured JIT: our step runner, or tinygrad (and why)."""
+        return ", ".join(f"{name}: {r.status()}" for name, r in self.replays.items() if r.jit.captured is not None) \
+            or "nothing captured yet"
