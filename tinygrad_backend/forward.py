@@ -31,6 +31,7 @@ from tinygrad.uop.ops import resolve
 
 from tinygrad_backend.attention_kernel import AttentionKernel
 from tinygrad_backend.packed_weights import PackedBlock, PackedLinear
+from tinygrad_backend.q8_embedding import embedding_device
 
 
 class SlotForward:
@@ -44,7 +45,7 @@ class SlotForward:
         self.config = c
         # RoPE's table, realized once: tinygrad builds it lazily and would recompute it in every block
         room = c.max_context + chunk
-        self.freqs = precompute_freqs_cis(c.rope_dim, room, c.rope_theta, device=net.token_embd.weight.device)
+        self.freqs = precompute_freqs_cis(c.rope_dim, room, c.rope_theta, device=embedding_device(net.token_embd))
         self.freqs.realize()
         # one kernel of ours for a step's attention, where it can run (the CPU)
         self.attention = AttentionKernel(c, slots, room, self.freqs.device)

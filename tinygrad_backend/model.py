@@ -17,16 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import tinygrad.llm.model as tinygrad_model
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes, nn
 from tinygrad.device import Buffer, LRUAllocator
 from tinygrad.helpers import getenv
 from tinygrad.llm.model import Transformer
 
-from tinygrad_backend import step_runner
+from tinygrad_backend import step_runner, weights_file
 from tinygrad_backend.cpu_kernel import compiler_for
 from tinygrad_backend.forward import SlotForward
 from tinygrad_backend.gguf_file import GGUFHeader
-from tinygrad_backend.packed_weights import PackedBlock, PackedLinear, pack
+from tinygrad_backend.packed_weights import PackedBlock, PackedLinear, pack, requantize_parts
+from tinygrad_backend.q8_embedding import Q8_0, Q8Embedding, embedding_device
 from tinygrad_backend.step_runner import Replay
 
 PREFILL_CHUNK = 32  # prompt tokens per prefill call, always this many (the last chunk padded): one concrete shape
@@ -61,12 +63,18 @@ def _load(header: GGUFHeader, context: int, mode: str) -> Transformer:
         # Transformer.__init__ fills every Linear with random values that from_gguf then replaces with the
         # file's; building those lazy random graphs took 1.2 s of a 6 s load here. Loading runs on the engine
         # thread, the only one that touches tinygrad, so swapping the initializer for the load is safe.
+        # And from_gguf reads the file through tinygrad's gguf_load, which copies all of it into memory and
+        # keeps it while any weight is unrealized (98 MB through packing); ours maps each tensor's bytes
+        # on its own (weights_file.py), read when realized and let go once packed.
         uniform = Tensor.__dict__["uniform"]  # the descriptor itself (a staticmethod), to put back as it was
         setattr(Tensor, "uniform", _uninitialized)  # noqa: B010 - the swap mypy would refuse as an assignment
+        load = tinygrad_model.gguf_load
+        tinygrad_model.gguf_load = lambda _path: weights_file.gguf_load(header)  # type: ignore[assignment,misc]
         try:
             net, _ = Transformer.from_gguf(header.path, context, realize=mode not in ("quantized", "packed"))
         finally:
             setattr(Tensor, "uniform", uniform)  # noqa: B010
+            tinygrad_model.gguf_load = load
     finally:
         if half is None:
             os.environ.pop("HALF", None)
@@ -80,25 +88,33 @@ def _load(header: GGUFHeader, context: int, mode: str) -> Transformer:
 
 def _pack(net: Transformer, header: GGUFHeader) -> None:
     """Pack every dense block's linear layers, and the output layer; the fp32 weights they replace are
-    freed. The token embedding stays fp32: a lookup reads one row of it."""
+    freed. The token embedding stays the file's Q8_0 blocks where it is Q8_0 and our kernels run
+    (q8_embedding.py: a lookup dequantizes the rows it reads), else fp32: a lookup reads one row of it."""
     for index, block in enumerate(net.blk):
-        packed = PackedBlock.build(block, header, index)
-        if packed is not None:
-            block.packed = packed  # type: ignore[attr-defined]  # forward.py looks for it
+        packed_block = PackedBlock.build(block, header, index)
+        if packed_block is not None:
+            block.packed = packed_block  # type: ignore[attr-defined]  # forward.py looks for it
             for name in PackedBlock.PROJECTIONS:
                 delattr(block, name)
+    device = embedding_device(net.token_embd)
     name = "output.weight" if header.tensor("output.weight") else "token_embd.weight"
     output = net.output.weight
-    if output.uop is net.token_embd.weight.uop:  # tied (SmolLM2): pack the embedding we keep, read where it lies
-        weight = _host_array(net.token_embd.weight.realize())  # .numpy() copied it: 108 MB more at the load's peak
+    tied = output.uop is net.token_embd.weight.uop
+    embedding = header.tensor("token_embd.weight")
+    if embedding is not None and embedding.ggml_type == Q8_0 and compiler_for(device) is not None:
+        q8 = Q8Embedding(header, "token_embd.weight", device)
+        net.token_embd = q8  # type: ignore[assignment]  # forward.py calls it as it called nn.Embedding
+        # tied (SmolLM2): the output layer is requantized from the same fp32 values, 4096 rows at a time
+        packed = requantize_parts(q8.row_parts()) if tied else pack(header, name, output.float().numpy())
+    elif tied:  # pack the embedding we keep, read where it lies
+        packed = pack(header, name, _host_array(net.token_embd.weight.realize()))  # .numpy() copied it: 108 MB
     else:
-        weight = output.float().numpy()
-    net.packed_output = PackedLinear(pack(header, name, weight), output.device)  # type: ignore[attr-defined]
-    del net.output, output, weight
+        packed = pack(header, name, output.float().numpy())
+    net.packed_output = PackedLinear(packed, output.device)  # type: ignore[attr-defined]
+    del net.output, output, packed
     Tensor.realize(*nn.state.get_parameters(net))  # what stays unpacked (norms, the embedding), loaded lazily
     # tinygrad's allocator keeps freed buffers for reuse; give the fp32 weights' memory back to the system
     gc.collect()
-    device = net.token_embd.weight.device
     allocator = Device[device].allocator if isinstance(device, str) else None
     if isinstance(allocator, LRUAllocator):
         allocator.free_cache()

@@ -20,6 +20,7 @@ dequantized inside ordinary tinygrad ops.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,12 @@ def requantize(weight: np.ndarray) -> Packed:
     step = np.where(scale == 0, 1, scale)[..., None]
     q = np.clip(np.rint((blocks - offset[..., None]) / step), -128, 127).astype(np.int8)
     return Packed(8, q.reshape(rows, cols), scale.astype(np.float32), offset.astype(np.float32))
+
+
+def requantize_parts(parts: Iterable[np.ndarray]) -> Packed:
+    """requantize() of the rows of `parts` stacked, without holding all of them in fp32 at once: blocks are
+    rows' own, so this is requantize(np.concatenate(parts)) exactly."""
+    return _stacked([requantize(part) for part in parts])
 
 
 def pack(header: GGUFHeader, name: str, loaded: np.ndarray) -> Packed:
