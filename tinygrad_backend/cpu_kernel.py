@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 
 DeviceName = str | tuple[str, ...] | None  # as tinygrad's Tensor.device
 
-# A kernel launch costs ~10 us here; handing a share to tinygrad's second thread costs more, so only big
-# kernels (in multiply-adds) use it
+# A kernel launch through tinygrad's CPU queue costs ~10 us here, and handing a share to its second thread (a
+# Python queue) costs more, so under tinygrad's replay only big kernels (in multiply-adds) use it; our step
+# runner hands a share to a thread of its own that spins for it, so there every product worth it is split
 TWO_THREADS_FROM = 4 << 20
+TWO_THREADS_FROM_STEP_RUNNER = 100_000
 
 
 def compiler_for(device: DeviceName) -> Compiler | None:

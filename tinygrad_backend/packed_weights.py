@@ -29,8 +29,10 @@ from tinygrad.device import Compiler
 from tinygrad.helpers import CPU_COUNT
 from tinygrad.renderer import Estimates
 
+from tinygrad_backend import step_runner
 from tinygrad_backend.cpu_kernel import (
     TWO_THREADS_FROM,
+    TWO_THREADS_FROM_STEP_RUNNER,
     DeviceName,
     Kernel,
     compile_kernel,
@@ -231,7 +233,8 @@ def _kernel(layer: PackedLinear, x: Tensor, norm: nn.RMSNorm | None, residual: T
     rows = int(x.shape[0])
     out_features = layer.out_features // 2 if glu else layer.out_features
     work = rows * layer.out_features * layer.in_features
-    threads = CPU_COUNT.value if work >= TWO_THREADS_FROM else 1
+    split_from = TWO_THREADS_FROM_STEP_RUNNER if step_runner.enabled() else TWO_THREADS_FROM
+    threads = CPU_COUNT.value if work >= split_from else 1
     eps = None if norm is None else float(norm.eps)
     kernel = _compiled(compiler, _Shape(rows, layer.out_features, layer.in_features, layer.bits, threads, eps,
                                         residual is not None, glu, layer._integer_dots))
