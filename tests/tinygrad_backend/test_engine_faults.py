@@ -110,7 +110,7 @@ def test_sampling_that_fails_fails_that_request_alone(engine: Any, monkeypatch: 
     monkeypatch.setattr(engine_module, "pick_token", pick)
 
     async def both() -> list[tuple[str, Finished]]:
-        return list(await asyncio.gather(_run(e, [5], SamplingParams(top_p=0.5, max_tokens=4)),
+        return list(await asyncio.gather(_run(e, [5], SamplingParams(top_p=0.5, max_tokens=4, seed=7)),
                                          _run(e, [7], SamplingParams(temperature=0, max_tokens=4))))
 
     (_, bad), (good_text, good) = asyncio.run(asyncio.wait_for(both(), 10))
@@ -143,13 +143,13 @@ def test_a_stuck_engine_is_reported_and_a_full_queue_refused(engine: Any) -> Non
     model.hang.set()
 
     async def stuck() -> None:
-        gens = [e.submit([5], SamplingParams(max_tokens=5))]
+        gens = [e.submit([5], SamplingParams(max_tokens=5, temperature=0))]
         while not e.running:  # admitted, prefilled, then stuck in its first decode step
             await asyncio.sleep(0.01)
-        gens += [e.submit([5], SamplingParams(max_tokens=5)) for _ in range(e.max_waiting)]
+        gens += [e.submit([5], SamplingParams(max_tokens=5, temperature=0)) for _ in range(e.max_waiting)]
         assert e.waiting == e.max_waiting
         with pytest.raises(QueueFull):
-            e.submit([5], SamplingParams(max_tokens=5))
+            e.submit([5], SamplingParams(max_tokens=5, temperature=0))
         deadline = time.monotonic() + 5
         while e.problem() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
