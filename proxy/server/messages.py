@@ -136,11 +136,7 @@ class Messages:
         p = self.proxy
         caller, body = await p.admission.read(signed.request)
         model = protocol.check_model(body)
-        if model == AUTO and p.auto.aliases:  # the alias chosen from the request itself (routing/auto.py)
-            protocol.check_messages(body)
-            route: Local | Cloud = Local(p.admission.resolve(caller, AUTO, _auto_prompt(body)))
-        else:
-            route = self._route(model)
+        route = self._route(model, caller, body)
         own_key = signed.own_key(caller, p)
         if isinstance(route, Cloud):  # as it came: Anthropic checks the rest of the body
             self.passthrough.upstream(signed.request.headers, own_key, model)  # no key: refused before the hold
@@ -159,7 +155,10 @@ class Messages:
             return await self._pass(signed, own_key, trace, route.claude, fallback=True)
         return await self._local(signed, own_key, trace, route, body)
 
-    def _route(self, model: str) -> Local | Cloud:
+    def _route(self, model: str, caller: Caller, body: dict[str, Any]) -> Local | Cloud:
+        if model == AUTO and self.proxy.auto.aliases:  # the alias chosen from the request itself (routing/auto.py)
+            protocol.check_messages(body)
+            return Local(self.proxy.admission.resolve(caller, AUTO, _auto_prompt(body)))
         route = self.tiers.route(model)
         if route is None:
             known = ", ".join(sorted(self.tiers.groups))
@@ -424,11 +423,7 @@ class Messages:
         p = self.proxy
         caller, body = await p.admission.read(signed.request)
         model = protocol.check_model(body)
-        if model == AUTO and p.auto.aliases:  # the alias chosen from the request itself (routing/auto.py)
-            protocol.check_messages(body)
-            route: Local | Cloud = Local(p.admission.resolve(caller, AUTO, _auto_prompt(body)))
-        else:
-            route = self._route(model)
+        route = self._route(model, caller, body)
         own_key = signed.own_key(caller, p)
         if isinstance(route, Cloud):
             return await self._anthropic_count(signed, own_key, model)

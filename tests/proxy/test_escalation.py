@@ -303,3 +303,7 @@ def test_auto_on_the_messages_api(tmp_path: Path, fake_backend, start_proxy) -> 
     assert raw.parse().content[0].text == "answer from translation"  # type: ignore[union-attr]
     row, = wait_rows(1)
     assert (row["alias"], row["requested_model"]) == ("translation", "auto")
+    # counting goes where auto would send it: a fake OpenAI-compatible server, which cannot count (not a 0)
+    with pytest.raises(anthropic.NotFoundError, match="translation-model"):
+        claude.messages.count_tokens(model="auto", messages=[
+            {"role": "user", "content": "Translate into Spanish: the shop opens at nine."}])
