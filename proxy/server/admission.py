@@ -69,14 +69,19 @@ class Admission:
                                   "them", type_="permission_error", code="alias_not_allowed", param="model")
         return alias
 
+    def check_alias(self, caller: Caller, alias: str) -> None:
+        """An issued key limited to some aliases may use only those."""
+        issued = caller.issued
+        if issued is not None and issued.aliases is not None and alias not in issued.aliases:
+            raise ProxyError(403, f"this key may not use '{alias}'; it may use: {', '.join(issued.aliases) or 'nothing'}",
+                             type_="permission_error", code="alias_not_allowed", param="model")
+
     async def admit(self, caller: Caller, alias: str, body: dict[str, Any], prompt: Any) -> Hold | None:
         """An issued key's limits: its aliases, its request rate, and a reservation on its budget."""
         issued = caller.issued
         if issued is None:
             return None
-        if issued.aliases is not None and alias not in issued.aliases:
-            raise ProxyError(403, f"this key may not use '{alias}'; it may use: {', '.join(issued.aliases) or 'nothing'}",
-                             type_="permission_error", code="alias_not_allowed", param="model")
+        self.check_alias(caller, alias)
         if issued.rpm is not None and (wait := await self._rate(issued.key_id, issued.rpm)) is not None:
             raise ProxyError(429, f"this key's limit of {issued.rpm} requests a minute is reached", type_="rate_limit_error",
                              code="rate_limited", retry_after=wait)

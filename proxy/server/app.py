@@ -135,7 +135,7 @@ def create_app(settings: Settings, master_key: str | None, store: UsageStore | N
     async def list_models(request: Request) -> Response:
         """Anthropic's list shape for a client that speaks Anthropic's API (Claude Code's model discovery)."""
         if "anthropic-version" in request.headers:
-            return await messages.models(request)
+            return await messages.models.list(request)
         return await models.list(request)
 
     async def check_key(request: Request) -> None:

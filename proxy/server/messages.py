@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import litellm
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
@@ -42,6 +42,7 @@ from starlette.types import Message
 from proxy.routing.auto import AUTO
 from proxy.server import anthropic_protocol as protocol
 from proxy.server import escalation
+from proxy.server.anthropic_models import AnthropicModels
 from proxy.server.ask_router import ChainFailed, answered, count_whole
 from proxy.server.auth import Caller, bearer
 from proxy.server.completions import TracedStream, close_backend, count_cut_short
@@ -113,26 +114,32 @@ class Signed:
         return None
 
 
+def in_anthropics_shape(handler: Callable[[Any, Signed], Awaitable[Response]]) -> Callable[[Any, Request], Awaitable[Response]]:
+    """A route of this API: its request signed for the relay, and a refusal answered in Anthropic's error shape."""
+    @functools.wraps(handler)
+    async def route(self: Any, request: Request) -> Response:
+        try:
+            return await handler(self, Signed(request))
+        except ProxyError as e:
+            return protocol.error_response(e)
+    return route
+
+
 class Messages:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.tiers = ModelTiers(proxy.settings)
         self.passthrough = Passthrough(proxy.settings.delegate.anthropic)
         self.counter = TokenCounter(proxy, self.passthrough.client)  # one pooled client for every upstream
-        self.claude_models = claude_models()
+        self.models = AnthropicModels(proxy, self.tiers)  # GET /v1/models with anthropic-version
 
     async def aclose(self) -> None:
         await self.passthrough.aclose()
 
     # --- POST /v1/messages ---------------------------------------------------------------------------
 
-    async def create(self, request: Request) -> Response:
-        try:
-            return await self._create(Signed(request))
-        except ProxyError as e:
-            return protocol.error_response(e)
-
-    async def _create(self, signed: Signed) -> Response:
+    @in_anthropics_shape
+    async def create(self, signed: Signed) -> Response:
         p = self.proxy
         caller, body = await p.admission.read(signed.request)
         model = protocol.check_model(body)
@@ -407,13 +414,8 @@ class Messages:
 
     # --- POST /v1/messages/count_tokens ----------------------------------------------------------------
 
-    async def count_tokens(self, request: Request) -> Response:
-        try:
-            return await self._count_tokens(Signed(request))
-        except ProxyError as e:
-            return protocol.error_response(e)
-
-    async def _count_tokens(self, signed: Signed) -> Response:
+    @in_anthropics_shape
+    async def count_tokens(self, signed: Signed) -> Response:
         """Anthropic counts for a Claude model; for a model served here, the deployment that would serve the
         request counts it with its own tokenizer and chat template (token_count.py), or the answer is an error
         saying why it cannot, never a guess (a count of 0 would make Claude Code believe its context empty and
@@ -428,10 +430,7 @@ class Messages:
         if isinstance(route, Cloud):
             return await self._anthropic_count(signed, own_key, model)
         protocol.check_request(body)
-        issued = caller.issued
-        if issued is not None and issued.aliases is not None and route.alias not in issued.aliases:
-            raise ProxyError(403, f"this key may not use '{route.alias}'", type_="permission_error",
-                             code="alias_not_allowed", param="model")
+        p.admission.check_alias(caller, route.alias)
         to_claude = route.claude is not None and self.passthrough.available(own_key)
         if self._refusal(route, body, own_key) is not None:
             return await self._anthropic_count(signed, own_key, model)
@@ -454,40 +453,6 @@ class Messages:
         finally:
             await response.aclose()
         return Response(data, status_code=response.status_code, headers=returned_headers(response.headers))
-
-    # --- GET /v1/models, as Anthropic lists them -------------------------------------------------------
-
-    async def models(self, request: Request) -> Response:
-        """The models a Messages API client can ask for, in Anthropic's list shape: the Claude models of LiteLLM's
-        price table (those a tier maps are answered here, the rest pass through when passthrough is on), then
-        the aliases. Claude Code's model discovery reads the ids starting with `claude`."""
-        try:
-            await self.proxy.auth.check(Signed(request).request)
-        except ProxyError as e:
-            return protocol.error_response(e)
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.proxy.started))
-        data = []
-        for model in self.claude_models:
-            route = self.tiers.route(model)
-            if route is None:
-                continue
-            served = f"served by Delegate's '{route.alias}'" if isinstance(route, Local) else "Anthropic"
-            data.append({"type": "model", "id": model, "display_name": f"{model} ({served})", "created_at": created})
-        for alias in self.proxy.settings.aliases:
-            data.append({"type": "model", "id": alias, "display_name": f"Delegate alias {alias}", "created_at": created})
-        if self.proxy.auto.aliases:
-            data.append({"type": "model", "id": AUTO, "display_name": "Delegate picks the alias from the request",
-                         "created_at": created})
-        return json_response({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
-                              "last_id": data[-1]["id"] if data else None})
-
-
-def claude_models() -> list[str]:
-    """Anthropic's own Claude model ids in LiteLLM's price table, newest names first."""
-    names = {name for name, info in litellm.model_cost.items()
-             if isinstance(info, dict) and info.get("litellm_provider") == "anthropic" and name.startswith("claude")
-             and info.get("mode", "chat") == "chat"}
-    return sorted(names, reverse=True)
 
 
 def _auto_prompt(body: dict[str, Any]) -> list[dict[str, Any]]:
